@@ -260,8 +260,8 @@ class CaptionReader:
             key = raw.get("__key__", "?")
             where = f"{shard}:{key}"
 
-            def build(raw=raw, key=key):
-                image = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
+            def build(raw=raw, key=key, where=where):
+                image = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
                 if image is None:
                     raise _Skip("missing image", f"no {'/'.join(IMAGE_EXTS)} member for key {key}")
                 row: dict[str, Any] = {}
@@ -291,7 +291,7 @@ class CaptionReader:
             if p.is_file():
                 by_stem.setdefault(p.with_suffix(""), {})[p.suffix.lower().lstrip(".")] = p
         for stem, files in by_stem.items():
-            image = next((files[e] for e in IMAGE_EXTS if e in files), None)
+            image = next((files[ext] for ext in IMAGE_EXTS if ext in files), None)
             if image is None:
                 continue  # a lone .txt/.json or unrelated file is not a sample
             where = str(image)

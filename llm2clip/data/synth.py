@@ -29,7 +29,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import ConfigError
-
 from .captions import describe
 from .qa import llava_instruct_sample, llava_pretrain_sample, world_sentences
 from .render import render_scene
@@ -60,7 +59,7 @@ class SynthConfig:
             (1 <= self.min_objects <= self.max_objects <= GRID * GRID,
              f"synth.min_objects/max_objects must satisfy 1 <= min <= max <= {GRID * GRID}"),
             (self.num_long_captions >= 2, "synth.num_long_captions must be >= 2 (paraphrase pairs)"),
-            (0 < self.val_fraction and 0 < self.test_fraction and self.val_fraction + self.test_fraction < 1,
+            (self.val_fraction > 0 and self.test_fraction > 0 and self.val_fraction + self.test_fraction < 1,
              "synth.val_fraction and synth.test_fraction must be > 0 and sum to < 1"),
             (self.shard_size >= 1, "synth.shard_size must be >= 1"),
             (self.vocab_size >= 300, "synth.vocab_size must be >= 300 (256 bytes + specials + merges)"),

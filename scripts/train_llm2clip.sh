@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The main job on the embedded default (configs/tiny.yaml): CPU, no downloaded weights.
+#   bash scripts/train_llm2clip.sh [--config FILE] [--set key=value ...]
+# Outputs go to <run.out_dir> (runs/tiny by default).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_bootstrap.sh"
+cd "$LLM2CLIP_ROOT"
+
+args=("$@")
+[[ " ${args[*]-} " == *" --config "* ]] || args=(--config configs/tiny.yaml "${args[@]}")
+
+echo "== data: the shapes world =="
+llm2clip data synth "${args[@]}"
+llm2clip data inspect "${args[@]}"
+
+cat <<'MSG'
+== what is still to come ==
+The data stage is done. Stage 1 (caption-contrastive LLM fine-tuning), the embedding cache,
+stage 2 (CLIP vision training) and export are not implemented yet (issues #3 and #4); this
+script trains nothing until they land.
+MSG
