@@ -2,6 +2,7 @@
 
     llm2clip data synth   --out DIR --num-images N --seed S   generate the shapes world
     llm2clip data inspect [PATH] [--strict]                   read a dataset, report what was skipped
+    llm2clip stage1 pretrain-lm | mntp | cc | eval-cra | merge | all   LLM -> caption embedder
     llm2clip config show | keys                               print the resolved config / every key
 """
 
@@ -63,7 +64,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if args.what == "keys":
         print("\n".join(all_keys()))
     else:
-        print(to_yaml(_load(args)), end="")
+        print(to_yaml(_load(args)).rstrip())
     return 0
 
 
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--format", help="overrides data.format")
     inspect.add_argument("--strict", action="store_true", help="stop at the first bad sample")
     inspect.set_defaults(func=_cmd_inspect)
+
+    from .stage1.cli import add_parser as add_stage1
+
+    add_stage1(groups, _add_config_args)
 
     config = groups.add_parser("config", help="show the resolved config or list its keys")
     config.add_argument("what", choices=("show", "keys"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -19,10 +18,11 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from .data.readers import DataConfig
 from .data.synth import SynthConfig
+from .embedder import EmbedderConfig, check_model_ref
 from .errors import ConfigError
-
-TINY = "tiny"  # model name that builds a tiny model from an HF config instead of loading weights
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from .stage1.cc import CCConfig
+from .stage1.mntp import MNTPConfig
+from .stage1.pretrain_lm import PretrainLMConfig
 
 
 @dataclass
@@ -32,11 +32,17 @@ class RunConfig:
 
 
 @dataclass
-class ModelsConfig:
-    llm: str = TINY  # local folder, hub id, or 'tiny'
-    llm_adapter: str | None = None  # peft adapter folder applied on top of `llm`
-    vision: str = TINY  # CLIP vision checkpoint: local folder, hub id, or 'tiny'
-    trust_remote_code: bool = False  # never run a checkpoint's own Python unless asked
+class Stage1Config:
+    pretrain: PretrainLMConfig = field(default_factory=PretrainLMConfig)
+    mntp: MNTPConfig = field(default_factory=MNTPConfig)
+    cc: CCConfig = field(default_factory=CCConfig)
+    cra_data: str = "${run.out_dir}/data/test.jsonl"  # captions whose CRA is reported
+    cra_out: str = "${run.out_dir}/stage1/cra.json"
+
+
+@dataclass
+class VisionConfig:
+    model: str = "tiny"  # CLIP vision checkpoint: local folder, hub id, or 'tiny' (built from a config)
 
 
 @dataclass
@@ -44,27 +50,31 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    models: ModelsConfig = field(default_factory=ModelsConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    vision: VisionConfig = field(default_factory=VisionConfig)
 
 
-def _valid_keys(schema: type, prefix: str) -> list[str]:
+def _valid_keys(schema: type, prefix: str, sections: bool) -> list[str]:
     keys = []
     for f in fields(schema):
-        keys.append(prefix + f.name)
         if f.default_factory is not MISSING and is_dataclass(sub := f.default_factory()):
-            keys.extend(_valid_keys(type(sub), prefix + f.name + "."))
+            keys += [prefix + f.name] if sections else []
+            keys.extend(_valid_keys(type(sub), prefix + f.name + ".", sections))
+        else:
+            keys.append(prefix + f.name)
     return keys
 
 
-def all_keys() -> list[str]:
-    """Every dotted config key, e.g. 'synth.num_images' (used for suggestions and the docs check)."""
-    return _valid_keys(Config, "")
+def all_keys(sections: bool = False) -> list[str]:
+    """Every dotted leaf key, e.g. 'synth.num_images' (and section names such as 'stage1.cc' if asked)."""
+    return _valid_keys(Config, "", sections)
 
 
 def _friendly(err: OmegaConfBaseException, origin: str) -> ConfigError:
     key = err.full_key or "?"
     if isinstance(err, ConfigKeyError):
-        close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+        close = difflib.get_close_matches(key, all_keys(sections=True), n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return ConfigError(f"{origin}: unknown config key '{key}'{hint} (valid keys are listed in docs/CONFIG.md)")
     if isinstance(err, ValidationError):
@@ -104,23 +114,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     return cfg  # type: ignore[return-value]
 
 
-def check_model_ref(key: str, value: str | None) -> None:
-    """A model reference is 'tiny', an existing local folder, or a hub id ('org/name')."""
-    if value is None or value == TINY or Path(value).expanduser().exists():
-        return
-    looks_local = value.startswith(("/", "./", "../", "~")) or not _HUB_ID.match(value)
-    if looks_local:
-        raise ConfigError(f"{key}: local path '{value}' does not exist. Fix: point it at a folder holding "
-                          f"config.json, or use a hub id such as 'openai/clip-vit-large-patch14-336'")
-
-
 def validate(cfg: Config, *, require_data: bool = False) -> None:
     """Cross-field checks that the schema's types cannot express. `require_data`: data.path must exist."""
     cfg.synth.validate()
     cfg.data.validate(require_exists=require_data)
-    check_model_ref("models.llm", cfg.models.llm)
-    check_model_ref("models.llm_adapter", cfg.models.llm_adapter)
-    check_model_ref("models.vision", cfg.models.vision)
+    cfg.embedder.validate()
+    cfg.stage1.pretrain.validate()
+    cfg.stage1.cc.validate()
+    # Explicit local paths are checked now; relative ones may be written by an earlier step (e.g.
+    # stage1.pretrain.out) and are checked when the step that reads them starts.
+    produced = cfg.stage1.pretrain.enabled and cfg.embedder.model == cfg.stage1.pretrain.out
+    if cfg.embedder.model.startswith(("/", "~", "./", "../")) and not produced:
+        check_model_ref("embedder.model", cfg.embedder.model)
+    if cfg.vision.model != "tiny":
+        check_model_ref("vision.model", cfg.vision.model)
 
 
 def to_yaml(cfg: Config) -> str:

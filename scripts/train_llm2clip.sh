@@ -13,9 +13,11 @@ echo "== data: the shapes world =="
 llm2clip data synth "${args[@]}"
 llm2clip data inspect "${args[@]}"
 
+echo "== stage 1: LLM -> caption embedder (pretrain tiny LM, [MNTP], CC fine-tuning, CRA) =="
+llm2clip stage1 all "${args[@]}"
+
 cat <<'MSG'
 == what is still to come ==
-The data stage is done. Stage 1 (caption-contrastive LLM fine-tuning), the embedding cache,
-stage 2 (CLIP vision training) and export are not implemented yet (issues #3 and #4); this
-script trains nothing until they land.
+Stage 1 is done (CRA in <run.out_dir>/stage1/cra.json). The embedding cache, stage 2 (CLIP vision
+training) and export are not implemented yet (issue #4); this script trains no CLIP until they land.
 MSG

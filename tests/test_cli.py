@@ -38,4 +38,4 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 def test_config_keys_lists_every_section(capsys):
     assert main(["config", "keys"]) == 0
     keys = capsys.readouterr().out.split()
-    assert {"run.out_dir", "synth.num_images", "data.path", "models.llm"} <= set(keys)
+    assert {"run.out_dir", "synth.num_images", "data.path", "embedder.model"} <= set(keys)

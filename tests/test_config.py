@@ -9,7 +9,8 @@ def test_tiny_preset_parses_and_resolves_interpolation():
     cfg = load_config(ROOT / "configs/tiny.yaml")
     assert isinstance(cfg, Config)
     assert cfg.data.path == "runs/tiny/data/train.jsonl"  # ${run.out_dir} resolved
-    assert cfg.models.llm == "tiny" and cfg.models.trust_remote_code is False
+    assert cfg.embedder.model == "runs/tiny/stage1/lm" and cfg.embedder.trust_remote_code is False
+    assert cfg.stage1.pretrain.enabled and cfg.stage1.pretrain.out == cfg.embedder.model
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
@@ -20,8 +21,9 @@ def test_every_preset_validates_and_accepts_overrides(preset):
 
 def test_gpu_preset_names_real_checkpoints():
     cfg = load_config(ROOT / "configs/llama3-8b_clip-vit-l14-336.yaml")
-    assert cfg.models.llm == "meta-llama/Meta-Llama-3-8B-Instruct"
-    assert cfg.models.vision == "openai/clip-vit-large-patch14-336"
+    assert cfg.embedder.model == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert cfg.vision.model == "openai/clip-vit-large-patch14-336"
+    assert cfg.stage1.cc.deepspeed == "configs/deepspeed/zero2.json" and not cfg.stage1.pretrain.enabled
     assert cfg.data.format == "webdataset" and cfg.data.image_size == 336
 
 
@@ -41,6 +43,8 @@ def test_unknown_key_names_closest_valid_one(tmp_path):
         load_config(None, ["data.strcit=true"])
     with pytest.raises(ConfigError, match=r"unknown config key 'stage9'"):
         load_config(None, ["stage9.lr=1"])
+    with pytest.raises(ConfigError, match=r"'stage1.cc.lora.rr'; did you mean 'stage1.cc.lora.r'"):
+        load_config(None, ["stage1.cc.lora.rr=8"])
 
 
 def test_wrong_type_is_an_error():
@@ -67,9 +71,9 @@ def test_cross_field_checks():
 
 
 def test_missing_local_model_path_is_an_error_hub_ids_are_not():
-    with pytest.raises(ConfigError, match=r"models.llm: local path '/no/such/llama' does not exist"):
-        load_config(None, ["models.llm=/no/such/llama"])
-    assert load_config(None, ["models.vision=openai/clip-vit-base-patch16"]).models.vision
+    with pytest.raises(ConfigError, match=r"embedder.model: local path '/no/such/llama' does not exist"):
+        load_config(None, ["embedder.model=/no/such/llama"])
+    assert load_config(None, ["vision.model=openai/clip-vit-base-patch16"]).vision.model
 
 
 def test_missing_data_path_is_an_error_when_required(tmp_path):

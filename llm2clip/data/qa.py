@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
+from .. import instructions
 from .lexicon import (
     COLOR_ZH,
     POSITION_EN,
@@ -95,29 +96,38 @@ def llava_instruct_sample(key: str, image: str, scene: Scene, long_caption: str,
     return {"id": key, "image": image, "conversations": turns}
 
 
-def world_sentences() -> Iterator[str]:
-    """Facts and parallel English/Chinese sentences that give a tiny LM knowledge of the world."""
+def parallel_sentences() -> Iterator[tuple[str, str]]:
+    """(English, Chinese) pairs about the world: shape facts, words, object phrases, spatial facts."""
     for shape in SHAPES:
-        yield SHAPE_FACT_EN[shape].capitalize() + "."
-        yield SHAPE_FACT_ZH[shape] + "。"
-        yield f"English: {SHAPE_FACT_EN[shape]}. Chinese: {SHAPE_FACT_ZH[shape]}。"
+        yield SHAPE_FACT_EN[shape].capitalize() + ".", SHAPE_FACT_ZH[shape] + "。"
+        yield shape, SHAPE_ZH[shape]
     for color in [*COLORS, "white", "black", "gray"]:
-        yield f"The word {color} is {COLOR_ZH[color]} in Chinese."
-    for shape in SHAPES:
-        yield f"The word {shape} is {SHAPE_ZH[shape]} in Chinese."
+        yield color, COLOR_ZH[color]
     cells = [(r, c) for r in range(GRID) for c in range(GRID)]
     for a in cells:
         for b in cells:
             if a == b:
                 continue
-            oa = ShapeObject("circle", "red", "small", "solid", *a)
-            ob = ShapeObject("circle", "red", "small", "solid", *b)
-            rel = relation(oa, ob)
-            yield f"Something {POSITION_EN[a]} is {RELATION_EN[rel]} something {POSITION_EN[b]}."
-            yield f"{POSITION_ZH[a]}的东西在{POSITION_ZH[b]}的东西的{RELATION_ZH[rel]}。"
+            rel = relation(ShapeObject("circle", "red", "small", "solid", *a),
+                           ShapeObject("circle", "red", "small", "solid", *b))
+            yield (f"Something {POSITION_EN[a]} is {RELATION_EN[rel]} something {POSITION_EN[b]}.",
+                   f"{POSITION_ZH[a]}的东西在{POSITION_ZH[b]}的东西的{RELATION_ZH[rel]}。")
     for shape in SHAPES:
         for color in COLORS:
             for size in SIZES:
                 for style in STYLES:
                     o = ShapeObject(shape, color, size, style, 0, 0)
-                    yield f"a {noun_en(o, style=True)} = 一个{noun_zh(o, style=True)}"
+                    yield f"a {noun_en(o, style=True)}", f"一个{noun_zh(o, style=True)}"
+
+
+def world_sentences() -> Iterator[str]:
+    """Monolingual facts and bilingual lines that give a tiny LM knowledge of the world's languages,
+    and the embedder's instructions, so their words are known to the tokenizer and the LM."""
+    yield from (f"{instruction}." for instruction in instructions.ALL)
+    for en, zh in parallel_sentences():
+        if en.endswith("."):  # sentences: each language alone, then side by side
+            yield en
+            yield zh
+            yield f"English: {en} Chinese: {zh}"
+        else:  # words and phrases
+            yield f"The phrase {en} is {zh} in Chinese." if " " in en else f"The word {en} is {zh} in Chinese."

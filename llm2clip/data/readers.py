@@ -53,7 +53,7 @@ class DataConfig:
 @dataclass
 class Sample:
     key: str
-    image: Image.Image  # RGB
+    image: Image.Image | None  # RGB; None when read with load_images=False
     short_caption: str | None
     long_captions: list[str]
     meta: dict[str, Any]  # every other field of the row (second-language captions, attributes, ...)
@@ -116,14 +116,16 @@ class _Skip(Exception):
 class CaptionReader:
     """Iterate `Sample`s from `cfg.path`; `stats` holds what was skipped and why."""
 
-    def __init__(self, cfg: DataConfig, shard: tuple[int, int] = (0, 1)):
-        """`shard=(k, n)`: keep rows k, k+n, k+2n, ... (per dataloader worker / rank); others are not decoded."""
+    def __init__(self, cfg: DataConfig, shard: tuple[int, int] = (0, 1), load_images: bool = True):
+        """`shard=(k, n)`: keep rows k, k+n, k+2n, ... (per dataloader worker / rank); others are not decoded.
+        `load_images=False`: text only (stage 1); `Sample.image` is None and images are not opened."""
         cfg.validate(require_exists=True)
         self.cfg = cfg
         self.paths = expand_paths(cfg.path)
         self.format = cfg.format if cfg.format != "auto" else detect_format(self.paths)
         self.stats = SkipCounter()
         self.shard = shard
+        self.load_images = load_images
         self._row = -1
 
     def __iter__(self) -> Iterator[Sample]:
@@ -181,7 +183,8 @@ class CaptionReader:
             raise _Skip("empty caption", "no non-empty short or long caption")
         caption_keys = {cfg.short_caption_key, *cfg.long_caption_keys, cfg.image_key}
         meta = {k: v for k, v in row.items() if k not in caption_keys}
-        return Sample(key, load_image(image, cfg.max_image_pixels), short, longs, meta, where)
+        pixels = load_image(image, cfg.max_image_pixels) if self.load_images else None
+        return Sample(key, pixels, short, longs, meta, where)
 
     def _image_path(self, value: Any, file: str) -> Path:
         if not isinstance(value, str) or not value.strip():

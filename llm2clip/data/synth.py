@@ -8,6 +8,7 @@ Layout of `out_dir` (every file is a pure function of the config: same seed, sam
     llava/{split}_pretrain.json     LLaVA 'plain' pretraining samples (image + caption)
     llava/{split}_instruct.json     LLaVA instruction conversations
     corpus.txt                      text for pretraining a tiny LM (train captions + world sentences)
+    parallel.jsonl                  English/Chinese text pairs {source, target} for stage-1 text pairs
     tokenizer/                      byte-level BPE trained on corpus.txt (HF files)
     manifest.json                   config, counts and splits; its presence marks a finished dataset
 
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError
 from .captions import describe
-from .qa import llava_instruct_sample, llava_pretrain_sample, world_sentences
+from .qa import llava_instruct_sample, llava_pretrain_sample, parallel_sentences, world_sentences
 from .render import render_scene
 from .tokenizer import train_tokenizer
 from .world import GRID, sample_scene
@@ -162,6 +163,15 @@ def _corpus_lines(train_rows: list[dict], cfg: SynthConfig) -> list[str]:
     return lines
 
 
+def _parallel_pairs(train_rows: list[dict]) -> list[dict]:
+    """English/Chinese text pairs: world sentences plus the train captions (no val/test text)."""
+    pairs = [{"source": en, "target": zh} for en, zh in parallel_sentences()]
+    for r in train_rows:
+        pairs.append({"source": r["short_caption"], "target": r["short_caption_zh"]})
+        pairs.append({"source": r["long_caption"], "target": r["long_caption_zh"]})
+    return pairs
+
+
 def synthesize(cfg: SynthConfig, out_dir: str | os.PathLike, *, overwrite: bool = False,
                progress: bool = True) -> dict:
     """Generate the dataset into `out_dir` and return its manifest. Reuses a finished identical one."""
@@ -187,6 +197,9 @@ def synthesize(cfg: SynthConfig, out_dir: str | os.PathLike, *, overwrite: bool 
         _write_split(tmp, split, records[split], cfg)
     corpus = _corpus_lines(records["train"], cfg)
     (tmp / "corpus.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
+    with open(tmp / "parallel.jsonl", "w", encoding="utf-8") as f:
+        for pair in _parallel_pairs(records["train"]):
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
     train_tokenizer(corpus, tmp / "tokenizer", vocab_size=cfg.vocab_size)
     manifest = {**wanted, "splits": {s: len(records[s]) for s in SPLITS},
                 "long_caption_columns": _long_columns(cfg.num_long_captions),

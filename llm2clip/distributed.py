@@ -1,0 +1,54 @@
+"""Process-group helpers that work on CPU (gloo) as well as GPU (nccl).
+
+llm2vec's gather hardcodes `device="cuda"`; the autograd-aware all-gather here keeps gradients
+flowing to every rank's own slice on either backend.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_env() -> tuple[int, int]:
+    """Join the process group torchrun / deepspeed set up through env vars; no-op when run alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return world()
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice (all_reduce + slice;
+    gloo has no reduce_scatter). torch.distributed.nn's equivalent is deprecated."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        b = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * b:(dist.get_rank() + 1) * b]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[B, ...] per rank -> [world * B, ...], differentiable w.r.t. the local slice. Equal B on all ranks."""
+    if world()[1] == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)

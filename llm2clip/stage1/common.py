@@ -1,0 +1,72 @@
+"""Pieces shared by the stage-1 trainers: seeding, optimiser + schedule, atomic output folders."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, warmup_steps: int,
+                   total_steps: int):
+    """AdamW over trainable parameters, transformers' cosine schedule with linear warmup."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    trainable = [p for p in params if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]  # no weight decay on norms and biases
+    no_decay = [p for p in trainable if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, total_steps), total_steps)
+    return optimizer, scheduler
+
+
+class TrainState:
+    """Loss history, for the summaries the trainers return."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def log(self, loss: float) -> None:
+        self.losses.append(loss)
+
+    def mean_first(self, n: int) -> float:
+        return float(np.mean(self.losses[:n]))
+
+    def mean_last(self, n: int) -> float:
+        return float(np.mean(self.losses[-n:]))
+
+    def curve(self, points: int = 10) -> list[float]:
+        """The loss at `points` evenly spaced steps, for run summaries."""
+        idx = np.linspace(0, len(self.losses) - 1, min(points, len(self.losses))).round().astype(int)
+        return [round(self.losses[i], 4) for i in idx]
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Write a folder under a temporary name and rename it into place only when complete."""
+    final = Path(final)
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)

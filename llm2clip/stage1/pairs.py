@@ -1,0 +1,113 @@
+"""Training pairs for caption-contrastive fine-tuning, as LLM2CLIP builds them.
+
+A pair is (query, positive, hard negative, query instruction). Captions of one image are positives;
+the hard negative is the same kind of caption from a random other image. Each batch holds one kind
+of pair (llm2vec and LLM2CLIP batch per task), so in-batch negatives are never trivially separable by
+length or language.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import instructions
+from ..data.readers import CaptionReader, DataConfig
+from ..errors import ConfigError
+
+# The query carries a direction-specific instruction; positives and negatives are encoded as any
+# caption is at embedding time (the embedder's default instruction).
+INSTRUCTIONS = {
+    "short_to_long": instructions.SHORT_TO_LONG,
+    "long_to_short": instructions.LONG_TO_SHORT,
+    "long_to_long": instructions.LONG_TO_LONG,
+    "translation": instructions.TRANSLATION,
+}
+
+
+@dataclass
+class Pair:
+    query: str
+    positive: str
+    negative: str
+    instruction: str
+
+
+@dataclass
+class CaptionGroup:
+    short: str
+    longs: list[str]
+
+
+def read_caption_groups(path: str, data_cfg: DataConfig | None = None) -> list[CaptionGroup]:
+    """Short and long captions per image, from any format the readers support (images not opened)."""
+    base = data_cfg or DataConfig()
+    cfg = DataConfig(**{**base.__dict__, "path": path, "format": "auto"})
+    reader = CaptionReader(cfg, load_images=False)
+    groups = [CaptionGroup(s.short_caption, s.long_captions) for s in reader
+              if s.short_caption and s.long_captions]
+    if len(groups) < 2:
+        raise ConfigError(f"{path}: need at least 2 samples with a short and a long caption, found {len(groups)} "
+                          f"({reader.stats.summary()})")
+    return groups
+
+
+def read_text_pairs(path: str) -> list[tuple[str, str]]:
+    """JSONL lines {"source": ..., "target": ...} (e.g. English and its translation)."""
+    pairs = []
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            pairs.append((str(row["source"]).strip(), str(row["target"]).strip()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"{path}:{lineno}: expected a JSON object with 'source' and 'target' ({e})") from None
+    return [p for p in pairs if p[0] and p[1]]
+
+
+class PairSampler:
+    """Draws homogeneous batches of `Pair`s. `kinds` weights which kind each batch is."""
+
+    def __init__(self, groups: list[CaptionGroup], text_pairs: list[tuple[str, str]], *, long_long: bool,
+                 translation_fraction: float, seed: int):
+        self.groups, self.text_pairs = groups, text_pairs
+        self.rng = random.Random(seed)
+        caption_share = 1.0 - (translation_fraction if text_pairs else 0.0)
+        self.kinds = {"short_long": caption_share * (0.5 if long_long else 1.0),
+                      "long_long": caption_share * 0.5 if long_long else 0.0,
+                      "translation": 1.0 - caption_share}
+        if long_long and not any(len(g.longs) >= 2 for g in groups):
+            raise ConfigError("long_long pairs need >= 2 long captions per image (data.long_caption_keys)")
+
+    def _other(self, n: int, i: int) -> int:
+        j = self.rng.randrange(n - 1)
+        return j + (j >= i)
+
+    def batch(self, size: int) -> list[Pair]:
+        """One kind and one direction per batch: every query then shares its instruction, and the
+        in-batch candidates are all the same kind as the positive."""
+        kind = self.rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
+        forward = self.rng.random() < 0.5
+        return [getattr(self, f"_{kind}")(forward) for _ in range(size)]
+
+    def _short_long(self, forward: bool) -> Pair:
+        i = self.rng.randrange(len(self.groups))
+        g, other = self.groups[i], self.groups[self._other(len(self.groups), i)]
+        if forward:
+            return Pair(g.short, self.rng.choice(g.longs), self.rng.choice(other.longs), INSTRUCTIONS["short_to_long"])
+        return Pair(self.rng.choice(g.longs), g.short, other.short, INSTRUCTIONS["long_to_short"])
+
+    def _long_long(self, forward: bool) -> Pair:
+        multi = [g for g in self.groups if len(g.longs) >= 2]
+        i = self.rng.randrange(len(multi))
+        a, b = self.rng.sample(multi[i].longs, 2)
+        return Pair(a, b, self.rng.choice(multi[self._other(len(multi), i)].longs), INSTRUCTIONS["long_to_long"])
+
+    def _translation(self, forward: bool) -> Pair:
+        i = self.rng.randrange(len(self.text_pairs))
+        src, tgt = self.text_pairs[i]
+        neg_src, neg_tgt = self.text_pairs[self._other(len(self.text_pairs), i)]
+        if forward:
+            return Pair(src, tgt, neg_tgt, INSTRUCTIONS["translation"])
+        return Pair(tgt, src, neg_src, INSTRUCTIONS["translation"])

@@ -1,0 +1,118 @@
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm2clip.losses import caption_contrastive_loss
+from llm2clip.stage1.cra import caption_retrieval_accuracy
+from llm2clip.stage1.mntp import mntp_loss
+
+
+def _reference_loss(q, p, n, scale):
+    """Direct per-query computation of llm2vec's HardNegativeNLLLoss."""
+    candidates = torch.cat([p, n]) if n is not None else p
+    total = 0.0
+    for i in range(q.shape[0]):
+        sims = torch.stack([F.cosine_similarity(q[i], c, dim=0) for c in candidates]) * scale
+        total = total + (-sims[i] + torch.logsumexp(sims, dim=0))
+    return total / q.shape[0]
+
+
+@pytest.mark.parametrize("with_negatives", [True, False])
+def test_contrastive_loss_matches_reference(with_negatives):
+    torch.manual_seed(0)
+    q, p, n = torch.randn(5, 8), torch.randn(5, 8), torch.randn(5, 8)
+    n = n if with_negatives else None
+    torch.testing.assert_close(caption_contrastive_loss(q, p, n, scale=20.0), _reference_loss(q, p, n, 20.0))
+
+
+def test_contrastive_loss_is_low_when_pairs_align():
+    torch.manual_seed(0)
+    q = torch.randn(6, 16)
+    aligned = caption_contrastive_loss(q, q + 0.01 * torch.randn(6, 16), torch.randn(6, 16))
+    assert aligned < 0.01 < caption_contrastive_loss(q, torch.randn(6, 16), torch.randn(6, 16))
+
+
+def _gather_worker(rank, world_size, port, q, p, n, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    b = q.shape[0] // world_size
+    sl = slice(rank * b, (rank + 1) * b)
+    q_, p_, n_ = (t[sl].clone().requires_grad_() for t in (q, p, n))
+    loss = caption_contrastive_loss(q_, p_, n_, scale=50.0)
+    loss.backward()
+    out[rank] = (loss.detach(), [t.grad for t in (q_, p_, n_)])
+    dist.destroy_process_group()
+
+
+def test_gather_with_grad_on_gloo_matches_one_big_batch():
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    q, p, n = torch.randn(8, 4), torch.randn(8, 4), torch.randn(8, 4)
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_gather_worker, args=(2, 29511, q, p, n, out), nprocs=2, join=True)
+    qa, pa, na = (t.clone().requires_grad_() for t in (q, p, n))
+    full = caption_contrastive_loss(qa, pa, na, scale=50.0)
+    full.backward()
+    torch.testing.assert_close((out[0][0] + out[1][0]) / 2, full.detach())
+    for rank in range(2):
+        sl = slice(rank * 4, rank * 4 + 4)
+        # Each rank's local gradient is d(sum of all ranks' losses)/d(its slice): the gather's backward
+        # brings the other rank's terms. DDP then averages, giving d(mean loss) = d(full) for parameters.
+        for local, full_grad in zip(out[rank][1], (qa.grad, pa.grad, na.grad), strict=True):
+            torch.testing.assert_close(local, 2 * full_grad[sl], atol=1e-6, rtol=1e-5)
+
+
+def test_mntp_loss_predicts_masked_token_from_previous_position():
+    vocab = 7
+    labels = torch.tensor([[-100, -100, 3, -100]])  # token 3 masked at position 2
+    logits = torch.full((1, 4, vocab), -10.0)
+    logits[0, 1, 3] = 10.0  # position 1 predicts it: near-zero loss
+    assert mntp_loss(logits, labels) < 1e-3
+    shifted_wrong = torch.full((1, 4, vocab), -10.0)
+    shifted_wrong[0, 2, 3] = 10.0  # the unshifted position gets no credit ...
+    shifted_wrong[0, 1, 0] = 10.0  # ... while position 1 predicts another token
+    assert mntp_loss(shifted_wrong, labels) > 5
+
+
+def test_cra_on_a_hand_made_example():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    b = torch.tensor([[0.9, 0.1], [0.1, 0.9], [-1.0, 1.0]])
+    # pairs 0 and 1 retrieve each other both ways; a2 is nearest b0 (cos .78 vs 0 for b2) and b2 is
+    # nearest a1 (cos .71): 4 hits out of 6 queries
+    assert caption_retrieval_accuracy(a, b) == pytest.approx(100 * 4 / 6, abs=1e-4)
+    assert caption_retrieval_accuracy(a, a.clone()) == 100.0
+    with pytest.raises(ValueError, match="one shape"):
+        caption_retrieval_accuracy(a, b[:2])
+
+
+def test_cross_set_accuracy_on_a_hand_made_example():
+    from llm2clip.stage1.cra import cross_set_accuracy
+
+    en = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    zh = torch.tensor([[0.9, 0.2], [0.2, 0.9], [0.2, 0.9]])
+    # en->zh: 0->0 hit, 1->1 hit (ties go to the first), 2->0 or 1 miss; zh->en: 0->0, 1->1, 2->1 miss
+    assert cross_set_accuracy(en, zh) == pytest.approx(100 * (2 / 3 + 2 / 3) / 2, abs=1e-4)
+
+
+def test_pair_batches_are_homogeneous_with_hard_negatives_from_other_images():
+    from llm2clip.stage1.pairs import CaptionGroup, PairSampler
+
+    groups = [CaptionGroup(f"short {i}", [f"long {i} a", f"long {i} b"]) for i in range(20)]
+    text_pairs = [(f"en {i}", f"zh {i}") for i in range(20)]
+    sampler = PairSampler(groups, text_pairs, long_long=True, translation_fraction=0.3, seed=0)
+    seen_instructions = set()
+    for _ in range(60):
+        batch = sampler.batch(8)
+        assert len({p.instruction for p in batch}) == 1  # one task and direction per batch
+        seen_instructions.add(batch[0].instruction)
+        for p in batch:
+            q_id, pos_id, neg_id = (x.split()[1] for x in (p.query, p.positive, p.negative))
+            assert q_id == pos_id != neg_id
+            assert p.positive.split()[0] == p.negative.split()[0]  # the negative is the positive's kind
+    assert len(seen_instructions) == 4  # short->long, long->short, long<->long, translation

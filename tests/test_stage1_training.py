@@ -1,0 +1,108 @@
+"""Stage-1 training mechanics on tiny models: QLoRA, save/load, merge, and a short end-to-end run."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from llm2clip.cli import main
+from llm2clip.embedder import CaptionEmbedder, EmbedderConfig, load_backbone
+from llm2clip.losses import caption_contrastive_loss
+from llm2clip.stage1.cc import save_cc_adapter
+from llm2clip.stage1.lora import LoraSettings, add_lora
+from llm2clip.stage1.merge import merge_embedder
+from tests.helpers import save_tiny_llm
+
+TEXTS = ["a large red circle on a black background", "two small blue stars", "一个大的红色圆形"]
+
+
+@pytest.fixture(scope="module")
+def lm_dir(world, tmp_path_factory):
+    return save_tiny_llm(tmp_path_factory.mktemp("lm") / "lm", world / "tokenizer", causal_lm=True)
+
+
+def _lora_embedder(cfg: EmbedderConfig, quantized: bool = False) -> CaptionEmbedder:
+    backbone, tokenizer = load_backbone(cfg)
+    backbone = add_lora(backbone, LoraSettings(r=4, alpha=8), quantized=quantized)
+    for name, p in backbone.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; make the adapter visible in the outputs
+            torch.nn.init.normal_(p, std=0.02)
+    return CaptionEmbedder(backbone, tokenizer, cfg)
+
+
+def test_qlora_step_changes_only_lora_parameters(lm_dir):
+    import bitsandbytes as bnb
+
+    cfg = EmbedderConfig(model=str(lm_dir), load_in_4bit=True, device="cpu")
+    emb = _lora_embedder(cfg, quantized=True)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in emb.model.modules())
+    trainable = [p for p in emb.parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, p in emb.model.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+
+    def step(update: bool) -> None:
+        out = emb(**emb.batch(TEXTS * 3))  # [9, D]
+        caption_contrastive_loss(out[:3], out[3:6], out[6:]).backward()
+        if update:
+            optimizer.step()
+        optimizer.zero_grad()
+
+    def frozen_weights() -> dict[str, torch.Tensor]:
+        """Every non-LoRA weight as the model computes with it (4-bit weights dequantized)."""
+        out = {}
+        for name, module in emb.model.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                w = module.weight
+                out[name] = bnb.functional.dequantize_4bit(w.data, w.quant_state).clone()
+        out.update({n: p.detach().clone() for n, p in emb.model.named_parameters() if "lora_" not in n
+                    and not isinstance(p, bnb.nn.Params4bit)})
+        return out
+
+    lora_before = {n: p.detach().clone() for n, p in emb.model.named_parameters() if "lora_" in n}
+    frozen_before = frozen_weights()
+    step(update=True)
+    frozen_after = frozen_weights()
+    assert len(frozen_before) > 10 and all(torch.equal(frozen_before[k], frozen_after[k]) for k in frozen_before)
+    changed = {n for n, p in emb.model.named_parameters() if "lora_" in n and not torch.equal(lora_before[n], p)}
+    assert any("lora_A" in k for k in changed) and any("lora_B" in k for k in changed)
+
+
+def test_save_load_and_merge_give_identical_embeddings(lm_dir, tmp_path):
+    cfg = EmbedderConfig(model=str(lm_dir), device="cpu", autocast=False, pooling="weighted_mean")
+    emb = _lora_embedder(cfg)
+    expected = emb.encode(TEXTS)
+    save_cc_adapter(emb, cfg, str(tmp_path / "cc"))
+    saved = json.loads((tmp_path / "cc/embedder_config.json").read_text())
+    assert saved["adapters"] == ["."] and saved["pooling"] == "weighted_mean"
+    torch.testing.assert_close(CaptionEmbedder.from_pretrained(tmp_path / "cc").encode(TEXTS), expected)
+
+    merge_embedder(tmp_path / "cc", tmp_path / "merged")
+    merged = CaptionEmbedder.from_pretrained(tmp_path / "merged")
+    assert merged.cfg.adapters == []
+    torch.testing.assert_close(merged.encode(TEXTS), expected, atol=1e-5, rtol=1e-5)
+    plain = AutoModel.from_pretrained(tmp_path / "merged")  # a standard HF folder, bidirectional by config
+    assert plain.config.is_causal is False and not (tmp_path / "merged/adapter_config.json").exists()
+
+
+def test_stage1_cli_end_to_end_raises_cra(world, tmp_path):
+    """pretrain-lm -> mntp -> cc -> eval-cra through the CLI on the shapes world, with tiny budgets."""
+    d = world
+    overrides = [
+        f"run.out_dir={tmp_path}", f"stage1.pretrain.corpus={d}/corpus.txt", f"stage1.pretrain.tokenizer={d}/tokenizer",
+        "stage1.pretrain.hidden_size=64", "stage1.pretrain.num_layers=2", "stage1.pretrain.intermediate_size=128",
+        "stage1.pretrain.steps=120", "stage1.pretrain.seq_len=64", "stage1.pretrain.batch_size=16",
+        "stage1.mntp.enabled=true", f"stage1.mntp.text={d}/corpus.txt", "stage1.mntp.steps=5",
+        "stage1.mntp.batch_size=8", f"stage1.cc.data={d}/train.jsonl", f"stage1.cc.text_pairs={d}/parallel.jsonl",
+        "stage1.cc.steps=80", "stage1.cc.batch_size=12", "stage1.cc.lr=5e-4", "stage1.cc.warmup_steps=4",
+        "stage1.cc.translation_fraction=0.2", "stage1.cc.long_long_pairs=true",
+        "stage1.cc.gradient_checkpointing=false", f"stage1.cra_data={d}/train.jsonl", "embedder.max_length=160",
+    ]
+    assert main(["stage1", "all", "--config", "configs/tiny.yaml", "--no-progress",
+                 *[x for o in overrides for x in ("--set", o)]]) == 0
+    cra = json.loads((tmp_path / "stage1/cra.json").read_text())
+    assert set(cra["raw"]) == set(cra["cc"]) == {"en", "cross_lingual", "short_long"}
+    assert all(0 <= v <= 100 for part in ("raw", "cc") for v in cra[part].values())
+    assert cra["cc"]["en"] >= cra["raw"]["en"] + 5  # 96-caption pool: one caption = 1.04 points
+    cc_cfg = json.loads((tmp_path / "stage1/cc/embedder_config.json").read_text())
+    assert cc_cfg["adapters"][0].endswith("stage1/mntp") and cc_cfg["adapters"][1] == "."
