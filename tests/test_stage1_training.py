@@ -106,3 +106,26 @@ def test_stage1_cli_end_to_end_raises_cra(world, tmp_path):
     assert cra["cc"]["en"] >= cra["raw"]["en"] + 5  # 96-caption pool: one caption = 1.04 points
     cc_cfg = json.loads((tmp_path / "stage1/cc/embedder_config.json").read_text())
     assert cc_cfg["adapters"][0].endswith("stage1/mntp") and cc_cfg["adapters"][1] == "."
+
+
+def test_cc_under_torchrun_with_deepspeed_zero2_on_cpu(world, lm_dir, tmp_path):
+    """Two processes, gloo, DeepSpeed ZeRO-2 with the LLaVA-style 'auto' config we ship."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    sets = [f"embedder.model={lm_dir}", "stage1.pretrain.enabled=false", f"stage1.cc.data={world}/train.jsonl",
+            f"stage1.cc.text_pairs={world}/parallel.jsonl", "stage1.cc.steps=2", "stage1.cc.batch_size=4",
+            "embedder.max_length=96", f"run.out_dir={tmp_path}", "stage1.cc.deepspeed=configs/deepspeed/zero2.json"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "llm2clip", "stage1", "cc", "--config", "configs/tiny.yaml", "--no-progress",
+           *[x for s in sets for x in ("--set", s)]]
+    env = {**os.environ, "DS_BUILD_OPS": "0", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    emb = CaptionEmbedder.from_pretrained(tmp_path / "stage1/cc")
+    assert emb.encode(TEXTS).shape == (3, 64)

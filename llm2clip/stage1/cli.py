@@ -87,9 +87,12 @@ def add_parser(groups, add_config_args) -> None:
 def _run(args) -> int:
     from ..config import load_config
 
+    from ..distributed import world
+
     cfg = load_config(args.config, args.overrides)
     result = COMMANDS[args.step](cfg, progress=not args.no_progress)
-    print(json.dumps(result, indent=1))
+    if world()[0] == 0:
+        print(json.dumps(result, indent=1))
     return 0
 
 

@@ -27,8 +27,9 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay
     trainable = [p for p in params if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]  # no weight decay on norms and biases
     no_decay = [p for p in trainable if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # empty groups dropped: DeepSpeed's ZeRO optimiser drops them too, which would desync the schedule
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999))
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, total_steps), total_steps)
     return optimizer, scheduler
 
