@@ -36,6 +36,7 @@ class CCConfig:
     batch_size: int = 32  # pairs per process and step
     lr: float = 2e-4
     warmup_steps: int = 20
+    lr_schedule: str = "cosine"  # cosine | constant (after warmup)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -47,6 +48,8 @@ class CCConfig:
     def validate(self) -> None:
         if not 0.0 <= self.translation_fraction < 1.0:
             raise ConfigError("stage1.cc.translation_fraction must be in [0, 1)")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ConfigError("stage1.cc.lr_schedule must be 'cosine' or 'constant'")
         if self.batch_size < 2 or self.steps < 1:
             raise ConfigError("stage1.cc.batch_size must be >= 2 (in-batch negatives) and steps >= 1")
 
@@ -90,7 +93,7 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
     embedder = CaptionEmbedder(backbone, tokenizer, emb_cfg)
     embedder.train()
     optimizer, scheduler = make_optimizer(embedder.parameters(), cfg.lr, cfg.weight_decay, cfg.warmup_steps,
-                                          cfg.steps)
+                                          cfg.steps, cfg.lr_schedule)
     engine = model = embedder
     if cfg.deepspeed:
         import deepspeed

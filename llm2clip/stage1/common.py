@@ -20,9 +20,9 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, warmup_steps: int,
-                   total_steps: int):
-    """AdamW over trainable parameters, transformers' cosine schedule with linear warmup."""
-    from transformers import get_cosine_schedule_with_warmup
+                   total_steps: int, schedule: str = "cosine"):
+    """AdamW over trainable parameters; transformers' cosine or constant schedule with linear warmup."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     trainable = [p for p in params if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]  # no weight decay on norms and biases
@@ -30,7 +30,13 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # empty groups dropped: DeepSpeed's ZeRO optimiser drops them too, which would desync the schedule
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, total_steps), total_steps)
+    warmup = min(warmup_steps, total_steps)
+    if schedule == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    elif schedule == "constant":
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+    else:
+        raise ValueError(f"unknown lr schedule '{schedule}'; use cosine or constant")
     return optimizer, scheduler
 
 

@@ -70,9 +70,14 @@ class PairSampler:
     """Draws homogeneous batches of `Pair`s. `kinds` weights which kind each batch is."""
 
     def __init__(self, groups: list[CaptionGroup], text_pairs: list[tuple[str, str]], *, long_long: bool,
-                 translation_fraction: float, seed: int):
-        self.groups, self.text_pairs = groups, text_pairs
+                 translation_fraction: float, seed: int, text_pair_buckets: int = 4):
+        self.groups = groups
         self.rng = random.Random(seed)
+        # Text pairs come in length buckets, one bucket per batch: a batch mixing words and paragraphs
+        # is solved by matching lengths, which teaches nothing about meaning.
+        by_length = sorted(text_pairs, key=lambda p: len(p[0]))
+        n = max(1, min(text_pair_buckets, len(by_length) // 2))
+        self.text_buckets = [by_length[i * len(by_length) // n:(i + 1) * len(by_length) // n] for i in range(n)]
         caption_share = 1.0 - (translation_fraction if text_pairs else 0.0)
         self.kinds = {"short_long": caption_share * (0.5 if long_long else 1.0),
                       "long_long": caption_share * 0.5 if long_long else 0.0,
@@ -89,6 +94,9 @@ class PairSampler:
         in-batch candidates are all the same kind as the positive."""
         kind = self.rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
         forward = self.rng.random() < 0.5
+        if kind == "translation":
+            bucket = self.rng.choice(self.text_buckets)
+            return [self._translation(forward, bucket) for _ in range(size)]
         return [getattr(self, f"_{kind}")(forward) for _ in range(size)]
 
     def _short_long(self, forward: bool) -> Pair:
@@ -104,10 +112,10 @@ class PairSampler:
         a, b = self.rng.sample(multi[i].longs, 2)
         return Pair(a, b, self.rng.choice(multi[self._other(len(multi), i)].longs), INSTRUCTIONS["long_to_long"])
 
-    def _translation(self, forward: bool) -> Pair:
-        i = self.rng.randrange(len(self.text_pairs))
-        src, tgt = self.text_pairs[i]
-        neg_src, neg_tgt = self.text_pairs[self._other(len(self.text_pairs), i)]
+    def _translation(self, forward: bool, bucket: list[tuple[str, str]]) -> Pair:
+        i = self.rng.randrange(len(bucket))
+        src, tgt = bucket[i]
+        neg_src, neg_tgt = bucket[self._other(len(bucket), i)]
         if forward:
             return Pair(src, tgt, neg_tgt, INSTRUCTIONS["translation"])
         return Pair(tgt, src, neg_src, INSTRUCTIONS["translation"])
