@@ -86,7 +86,6 @@ def add_parser(groups, add_config_args) -> None:
 
 def _run(args) -> int:
     from ..config import load_config
-
     from ..distributed import world
 
     cfg = load_config(args.config, args.overrides)

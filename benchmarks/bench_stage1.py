@@ -1,0 +1,183 @@
+"""Stage-1 benchmarks: encode throughput and MFU against a naive loop, QLoRA vs bf16-LoRA memory.
+
+    python benchmarks/bench_stage1.py                      # full size (~100M-parameter Llama)
+    python benchmarks/bench_stage1.py --hidden 256 --layers 2 --texts 64   # smoke run
+
+Everything is measured in this one run, on the same randomly initialised model (built from a
+LlamaConfig, saved with save_pretrained and loaded through CaptionEmbedder.load, the real code path)
+and the same shapes-world captions. Writes runs/bench/stage1.json. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def gemm_flops_per_s(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Median rate of an n x n x n matmul: this machine's practical peak for `dtype`."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.matmul(a, b)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / sorted(times)[len(times) // 2]
+
+
+def build_model(folder: Path, tokenizer_dir: Path, hidden: int, layers: int) -> int:
+    """Save a random Llama of the given size with the shapes-world tokenizer; return non-embedding params."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from llm2clip.tiny import tiny_llm_config
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = tiny_llm_config("llama", vocab_size=len(tokenizer), hidden_size=hidden, num_layers=layers,
+                             num_heads=max(1, hidden // 64), num_kv_heads=max(1, hidden // 64),
+                             intermediate_size=int(hidden * 8 / 3) // 64 * 64)
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+
+
+def captions(data_dir: Path, n: int) -> list[str]:
+    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    pool = [r[k] for r in rows for k in ("short_caption", "long_caption", "short_caption_zh", "long_caption_zh")]
+    return random.Random(0).sample(pool, min(n, len(pool)))
+
+
+@torch.no_grad()
+def naive_encode(embedder, texts: list[str], batch_size: int) -> float:
+    """What a first implementation does: input order, fp32, every batch padded to max_length."""
+    start = time.perf_counter()
+    for i in range(0, len(texts), batch_size):
+        batch = embedder.tokenizer(texts[i:i + batch_size], padding="max_length", truncation=True,
+                                   max_length=embedder.cfg.max_length, return_tensors="pt")
+        hidden = embedder.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        (hidden * mask).sum(1) / mask.sum(1)
+    return time.perf_counter() - start
+
+
+def bench_encode(folder: Path, texts: list[str], batch_size: int, max_length: int, n_params: int) -> dict:
+    from llm2clip.embedder import CaptionEmbedder, EmbedderConfig
+
+    ours = CaptionEmbedder.load(EmbedderConfig(model=str(folder), device="cpu", max_length=max_length,
+                                               instruction=""))
+    naive = CaptionEmbedder.load(EmbedderConfig(model=str(folder), device="cpu", max_length=max_length,
+                                                instruction="", autocast=False))
+    real_tokens = sum(len(ids) for ids, _ in ours.tokenize_texts(texts))
+    ours.encode(texts[:batch_size], batch_size=batch_size)  # warm-up both paths
+    naive_encode(naive, texts[:batch_size], batch_size)
+    start = time.perf_counter()
+    ours.encode(texts, batch_size=batch_size)
+    t_ours = time.perf_counter() - start
+    t_naive = naive_encode(naive, texts, batch_size)
+    bf16_peak, fp32_peak = gemm_flops_per_s(torch.bfloat16), gemm_flops_per_s(torch.float32)
+    achieved = 2 * n_params * real_tokens / t_ours  # 2N FLOPs per token (attention scores not counted)
+    return {"texts": len(texts), "real_tokens": real_tokens, "batch_size": batch_size,
+            "ours_tokens_per_s": round(real_tokens / t_ours, 1), "naive_tokens_per_s": round(real_tokens / t_naive, 1),
+            "speedup": round(t_naive / t_ours, 2), "flops_per_token": f"2*N, N={n_params} non-embedding parameters",
+            "bf16_gemm_tflops": round(bf16_peak / 1e12, 3), "fp32_gemm_tflops": round(fp32_peak / 1e12, 3),
+            "achieved_tflops": round(achieved / 1e12, 3), "mfu_vs_bf16_gemm": round(achieved / bf16_peak, 3)}
+
+
+def _proc_status_mib(field: str) -> float:
+    """VmRSS / VmHWM of this process image. (ru_maxrss is not used: Linux keeps it across execve, so a
+    child would inherit its parent's peak.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(variant: str, folder: str, texts: list[str], batch: int) -> dict:
+    """One CC step in this (fresh) process; peak RSS above the post-import baseline, in MiB."""
+    from llm2clip.embedder import CaptionEmbedder, EmbedderConfig, load_backbone
+    from llm2clip.losses import caption_contrastive_loss
+    from llm2clip.stage1.lora import LoraSettings, add_lora
+
+    base = _proc_status_mib("VmRSS")
+    quantized = variant == "qlora"
+    cfg = EmbedderConfig(model=folder, device="cpu", max_length=128, load_in_4bit=quantized,
+                         dtype="float32" if quantized else "bfloat16")
+    backbone, tokenizer = load_backbone(cfg)
+    backbone = add_lora(backbone, LoraSettings(), quantized=quantized, gradient_checkpointing=True)
+    emb = CaptionEmbedder(backbone, tokenizer, cfg)
+    optimizer = torch.optim.AdamW([p for p in emb.parameters() if p.requires_grad], lr=1e-4)
+    # Loading converts an fp32 checkpoint (and quantises it for QLoRA): transient copies that are not
+    # the step's cost. Hand freed memory back to the OS, then reset the peak (VmHWM) before the step.
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    loaded = _proc_status_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    q = emb(**emb.batch(texts[:batch]))
+    p, n = emb(**emb.batch(texts[batch:3 * batch])).split(batch)
+    caption_contrastive_loss(q, p, n).backward()
+    optimizer.step()
+    peak = _proc_status_mib("VmHWM")
+    return {"variant": variant, "baseline_mib": round(base), "model_resident_mib": round(loaded - base),
+            "step_peak_mib": round(peak - base)}
+
+
+def bench_memory(folder: Path, texts: list[str], batch: int) -> dict:
+    out = {}
+    for variant in ("lora_bf16", "qlora"):
+        cmd = [sys.executable, __file__, "--memory-child", variant, "--folder", str(folder), "--batch", str(batch)]
+        done = subprocess.run(cmd, input=json.dumps(texts), capture_output=True, text=True, check=True)
+        out[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("model_resident_mib", "step_peak_mib"):
+        out[f"qlora_over_lora_{key}"] = round(out["qlora"][key] / out["lora_bf16"][key], 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=14)  # 14 x 768 -> ~100M non-embedding parameters
+    parser.add_argument("--texts", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--memory-batch", type=int, default=4, help="pairs in the measured CC step")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--out", default="runs/bench/stage1.json")
+    parser.add_argument("--memory-only", action="store_true", help="skip the encode benchmark")
+    parser.add_argument("--memory-child")
+    parser.add_argument("--folder")
+    args = parser.parse_args()
+    if args.memory_child:  # subprocess mode: texts arrive on stdin, --batch carries the memory batch
+        print(json.dumps(memory_child(args.memory_child, args.folder, json.loads(sys.stdin.read()), args.batch)))
+        return
+
+    from llm2clip.data.synth import SynthConfig, synthesize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        synthesize(SynthConfig(num_images=400), data, progress=False)
+        folder = Path(tmp) / "llm"
+        n_params = build_model(folder, data / "tokenizer", args.hidden, args.layers)
+        texts = captions(data, args.texts)
+        result = {"model": {"hidden": args.hidden, "layers": args.layers, "non_embedding_params": n_params},
+                  "threads": torch.get_num_threads(),
+                  "encode": None if args.memory_only else bench_encode(folder, texts, args.batch, args.max_length,
+                                                                       n_params),
+                  "memory": bench_memory(folder, texts, args.memory_batch)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
