@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..embedder import resolve_device
 from ..errors import ConfigError
 from ..tiny import LLM_FAMILIES, tiny_llm_config
 from .common import TrainState, atomic_dir, make_optimizer, seed_everything
@@ -70,7 +71,8 @@ def pretrain_lm(cfg: PretrainLMConfig, seed: int = 0, progress: bool = True) -> 
                                 intermediate_size=cfg.intermediate_size,
                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=tokenizer.pad_token_id)
-    model = AutoModelForCausalLM.from_config(hf_config)
+    device = resolve_device("auto")
+    model = AutoModelForCausalLM.from_config(hf_config).to(device)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(blocks), generator=generator)
@@ -81,8 +83,8 @@ def pretrain_lm(cfg: PretrainLMConfig, seed: int = 0, progress: bool = True) -> 
         if start + cfg.batch_size > len(blocks):  # next epoch: reshuffle
             order = torch.randperm(len(blocks), generator=generator)
         idx = order[start:start + cfg.batch_size]
-        batch = blocks[idx]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        batch = blocks[idx].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(input_ids=batch, labels=batch).loss  # HF shifts labels for causal LM
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
