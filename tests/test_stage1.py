@@ -116,3 +116,16 @@ def test_pair_batches_are_homogeneous_with_hard_negatives_from_other_images():
             assert q_id == pos_id != neg_id
             assert p.positive.split()[0] == p.negative.split()[0]  # the negative is the positive's kind
     assert len(seen_instructions) == 4  # short->long, long->short, long<->long, translation
+
+
+def test_ranks_draw_the_same_task_per_step_but_different_samples():
+    from llm2clip.stage1.pairs import CaptionGroup, PairSampler
+
+    groups = [CaptionGroup(f"short {i}", [f"long {i} a", f"long {i} b"]) for i in range(50)]
+    text_pairs = [(f"en {i}", f"zh {i}") for i in range(50)]
+    ranks = [PairSampler(groups, text_pairs, long_long=True, translation_fraction=0.3, seed=1000 + r, task_seed=1)
+             for r in range(2)]
+    for _ in range(20):
+        a, b = (s.batch(6) for s in ranks)
+        assert a[0].instruction == b[0].instruction  # gathered negatives stay one kind
+        assert [p.query for p in a] != [p.query for p in b]

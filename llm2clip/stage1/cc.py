@@ -79,7 +79,7 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
     groups = read_caption_groups(cfg.data, data_cfg)
     text_pairs = read_text_pairs(cfg.text_pairs) if cfg.text_pairs and cfg.translation_fraction > 0 else []
     sampler = PairSampler(groups, text_pairs, long_long=cfg.long_long_pairs,
-                          translation_fraction=cfg.translation_fraction, seed=seed * 1000 + rank)
+                          translation_fraction=cfg.translation_fraction, seed=seed * 1000 + rank, task_seed=seed)
 
     device = resolve_device(emb_cfg.device)
     if device.type == "cuda" and world_size > 1:

@@ -70,9 +70,12 @@ class PairSampler:
     """Draws homogeneous batches of `Pair`s. `kinds` weights which kind each batch is."""
 
     def __init__(self, groups: list[CaptionGroup], text_pairs: list[tuple[str, str]], *, long_long: bool,
-                 translation_fraction: float, seed: int, text_pair_buckets: int = 4):
+                 translation_fraction: float, seed: int, task_seed: int | None = None, text_pair_buckets: int = 4):
+        """`seed` draws the samples (differs per rank); `task_seed` draws each batch's kind and direction and
+        must be equal on every rank, because negatives are gathered across ranks."""
         self.groups = groups
         self.rng = random.Random(seed)
+        self.task_rng = random.Random(seed if task_seed is None else task_seed)
         # Text pairs come in length buckets, one bucket per batch: a batch mixing words and paragraphs
         # is solved by matching lengths, which teaches nothing about meaning.
         by_length = sorted(text_pairs, key=lambda p: len(p[0]))
@@ -92,10 +95,10 @@ class PairSampler:
     def batch(self, size: int) -> list[Pair]:
         """One kind and one direction per batch: every query then shares its instruction, and the
         in-batch candidates are all the same kind as the positive."""
-        kind = self.rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
-        forward = self.rng.random() < 0.5
+        kind = self.task_rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
+        forward = self.task_rng.random() < 0.5
         if kind == "translation":
-            bucket = self.rng.choice(self.text_buckets)
+            bucket = self.task_rng.choice(self.text_buckets)
             return [self._translation(forward, bucket) for _ in range(size)]
         return [getattr(self, f"_{kind}")(forward) for _ in range(size)]
 
