@@ -8,10 +8,11 @@ quietly staying causal.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -109,6 +110,43 @@ def check_bidirectional(model: nn.Module, vocab_size: int) -> None:
             "embedder.bidirectional=false for a causal embedder")
 
 
+def _linear4bit_layers(model: nn.Module) -> list[nn.Module]:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+@contextlib.contextmanager
+def cpu_4bit_repacking_disabled(model: nn.Module) -> Iterator[None]:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its inference kernel the first
+    time the layer runs in eval mode without grad. The packed kernel has no backward (gradients to
+    earlier layers silently vanish) and the way back is lossy, so probes on a model that may still be
+    trained run with repacking off."""
+    layers = _linear4bit_layers(model)
+    saved = [getattr(m, "support_avx512bf16_for_cpu", False) for m in layers]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, saved, strict=True):
+            m.support_avx512bf16_for_cpu = flag
+
+
+def keep_4bit_trainable(model: nn.Module) -> None:
+    """Pin 4-bit layers to bitsandbytes' trainable layout for good (see `cpu_4bit_repacking_disabled`),
+    unpacking any that an earlier inference pass already repacked."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    for m in _linear4bit_layers(model):
+        m.support_avx512bf16_for_cpu = False
+        if getattr(m.weight.quant_state, "packing_format_for_cpu", False):
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                m.weight.data, m.weight.quant_state)
+
+
 def _adapter_keys_missing_from(model: nn.Module, adapter: str) -> list[str]:
     """Adapter tensors that found no place in `model` (peft only warns about these)."""
     from safetensors import safe_open
@@ -142,6 +180,12 @@ def load_backbone(cfg: EmbedderConfig, device: torch.device | None = None):
                                       **kwargs)
     if not cfg.load_in_4bit:
         model.to(device)
+    elif device.type == "cpu":
+        # Full-precision tensors kept as they are (norms, embeddings) are views into the memory-mapped
+        # checkpoint and would pin all of it, quantised layers included; copy them out.
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.clone()
     model = apply_adapters(model, cfg.model, cfg.adapters, merge=not cfg.load_in_4bit)
     tok_source = next((a for a in reversed(cfg.adapters) if (Path(a) / "tokenizer_config.json").is_file()),
                       cfg.model)
@@ -149,7 +193,8 @@ def load_backbone(cfg: EmbedderConfig, device: torch.device | None = None):
     if tokenizer.pad_token_id is None:  # Llama/Mistral ship none; llm2vec pads with EOS
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.bidirectional:
-        check_bidirectional(model, hf_config.vocab_size)
+        with cpu_4bit_repacking_disabled(model):
+            check_bidirectional(model, hf_config.vocab_size)
     return model, tokenizer
 
 

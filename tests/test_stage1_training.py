@@ -68,6 +68,44 @@ def test_qlora_step_changes_only_lora_parameters(lm_dir):
     assert any("lora_A" in k for k in changed) and any("lora_B" in k for k in changed)
 
 
+def test_qlora_gradients_match_a_dequantized_reference(lm_dir):
+    """Gradients reach every LoRA weight through the frozen 4-bit layers. (bitsandbytes on CPUs with
+    AVX512-BF16 repacks a 4-bit weight for inference the first time it runs without grad, e.g. in the
+    load-time bidirectionality probe, and the packed kernel has no backward: gradients to earlier
+    layers silently vanish.)"""
+    import bitsandbytes as bnb
+
+    cfg = EmbedderConfig(model=str(lm_dir), load_in_4bit=True, device="cpu", autocast=False)
+    emb = _lora_embedder(cfg, quantized=True)
+    emb.train()
+
+    def lora_grads() -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)  # same LoRA-dropout masks in both runs
+        out = emb(**emb.batch(TEXTS * 3))  # [9, D]
+        caption_contrastive_loss(out[:3], out[3:6], out[6:]).backward()
+        grads = {n: p.grad.clone() for n, p in emb.model.named_parameters() if p.requires_grad}
+        emb.model.zero_grad()
+        return grads
+
+    with torch.inference_mode():  # an eval-style forward mid-training must not change the layout
+        emb.eval()
+        emb(**emb.batch(TEXTS))
+        emb.train()
+    quantized = lora_grads()
+    for module in list(emb.model.modules()):  # reference: the same weights, dequantized into nn.Linear
+        if isinstance(getattr(module, "base_layer", None), bnb.nn.Linear4bit):
+            q = module.base_layer
+            dense = torch.nn.Linear(q.in_features, q.out_features, bias=False)
+            dense.weight.data = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
+            dense.requires_grad_(False)
+            module.base_layer = dense
+    reference = lora_grads()
+    assert quantized.keys() == reference.keys() and len(reference) > 10
+    errors = {n: ((quantized[n] - ref).norm() / ref.norm()).item() for n, ref in reference.items()}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 0.1, f"{worst}: relative error {errors[worst]:.3f}"  # 4-bit path computes in bf16
+
+
 def test_save_load_and_merge_give_identical_embeddings(lm_dir, tmp_path):
     cfg = EmbedderConfig(model=str(lm_dir), device="cpu", autocast=False, pooling="weighted_mean")
     emb = _lora_embedder(cfg)
