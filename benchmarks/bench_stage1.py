@@ -14,7 +14,9 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,40 +106,57 @@ def _proc_status_mib(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_child(variant: str, folder: str, texts: list[str], batch: int) -> dict:
-    """One CC step in this (fresh) process; peak RSS above the post-import baseline, in MiB."""
+def _settle() -> float:
+    """Return freed memory to the OS and reset the peak (VmHWM) to the current RSS; returns RSS MiB."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    return _proc_status_mib("VmRSS")
+
+
+def memory_child(variant: str, folder: str, texts: list[str], batch: int, steps: int = 2) -> dict:
+    """CC training steps in this (fresh) process; RSS above the post-import baseline, in MiB."""
+    import bitsandbytes  # noqa: F401  (imports are the baseline, not the model's cost)
+    import peft  # noqa: F401
+    from transformers import AutoModel  # noqa: F401
+
     from llm2clip.embedder import CaptionEmbedder, EmbedderConfig, load_backbone
     from llm2clip.losses import caption_contrastive_loss
     from llm2clip.stage1.lora import LoraSettings, add_lora
 
-    base = _proc_status_mib("VmRSS")
+    base = _settle()
     quantized = variant == "qlora"
+    # what `stage1 cc` does: dtype auto (fp32 on CPU) under 4-bit, LoRA on all projections, checkpointing
     cfg = EmbedderConfig(model=folder, device="cpu", max_length=128, load_in_4bit=quantized,
                          dtype="float32" if quantized else "bfloat16")
     backbone, tokenizer = load_backbone(cfg)
     backbone = add_lora(backbone, LoraSettings(), quantized=quantized, gradient_checkpointing=True)
     emb = CaptionEmbedder(backbone, tokenizer, cfg)
+    emb.train()
     optimizer = torch.optim.AdamW([p for p in emb.parameters() if p.requires_grad], lr=1e-4)
-    # Loading converts an fp32 checkpoint (and quantises it for QLoRA): transient copies that are not
-    # the step's cost. Hand freed memory back to the OS, then reset the peak (VmHWM) before the step.
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    loaded = _proc_status_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
-    q = emb(**emb.batch(texts[:batch]))
-    p, n = emb(**emb.batch(texts[batch:3 * batch])).split(batch)
-    caption_contrastive_loss(q, p, n).backward()
-    optimizer.step()
+    # Loading converts (and for QLoRA quantises) the checkpoint: transient copies that are not the
+    # step's cost, so the peak is reset after loading.
+    loaded = _settle()
+    queries, docs = emb.batch(texts[:batch]), emb.batch(texts[batch:3 * batch])
+    for _ in range(steps):  # from the second step on, AdamW's state is resident too
+        p, n = emb(**docs).split(batch)
+        caption_contrastive_loss(emb(**queries), p, n).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     peak = _proc_status_mib("VmHWM")
     return {"variant": variant, "baseline_mib": round(base), "model_resident_mib": round(loaded - base),
-            "step_peak_mib": round(peak - base)}
+            "step_peak_mib": round(peak - base),
+            "tokens_per_step": int(queries["attention_mask"].sum() + docs["attention_mask"].sum())}
 
 
 def bench_memory(folder: Path, texts: list[str], batch: int) -> dict:
+    """QLoRA vs bf16 LoRA, each in a fresh subprocess. glibc's mmap threshold is pinned there so freed
+    tensors go back to the OS: otherwise RSS reports what the allocator hoards, not what the step uses."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = {}
     for variant in ("lora_bf16", "qlora"):
         cmd = [sys.executable, __file__, "--memory-child", variant, "--folder", str(folder), "--batch", str(batch)]
-        done = subprocess.run(cmd, input=json.dumps(texts), capture_output=True, text=True, check=True)
+        done = subprocess.run(cmd, input=json.dumps(texts), capture_output=True, text=True, check=True, env=env)
         out[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     for key in ("model_resident_mib", "step_peak_mib"):
         out[f"qlora_over_lora_{key}"] = round(out["qlora"][key] / out["lora_bf16"][key], 3)
@@ -151,6 +170,8 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=96)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--memory-batch", type=int, default=4, help="pairs in the measured CC step")
+    parser.add_argument("--memory-sizes", default="768x14,2048x22",
+                        help="hidden x layers of each model whose QLoRA/LoRA memory is compared")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--out", default="runs/bench/stage1.json")
     parser.add_argument("--memory-only", action="store_true", help="skip the encode benchmark")
@@ -166,14 +187,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         synthesize(SynthConfig(num_images=400), data, progress=False)
-        folder = Path(tmp) / "llm"
-        n_params = build_model(folder, data / "tokenizer", args.hidden, args.layers)
         texts = captions(data, args.texts)
-        result = {"model": {"hidden": args.hidden, "layers": args.layers, "non_embedding_params": n_params},
-                  "threads": torch.get_num_threads(),
-                  "encode": None if args.memory_only else bench_encode(folder, texts, args.batch, args.max_length,
-                                                                       n_params),
-                  "memory": bench_memory(folder, texts, args.memory_batch)}
+        result = {"threads": torch.get_num_threads()}
+        if not args.memory_only:
+            folder = Path(tmp) / "llm"
+            n_params = build_model(folder, data / "tokenizer", args.hidden, args.layers)
+            result["encode"] = {"model": {"hidden": args.hidden, "layers": args.layers,
+                                          "non_embedding_params": n_params},
+                                **bench_encode(folder, texts, args.batch, args.max_length, n_params)}
+        result["memory"] = []
+        for size in args.memory_sizes.split(","):
+            hidden, layers = map(int, size.split("x"))
+            folder = Path(tmp) / f"llm-{size}"
+            n_params = build_model(folder, data / "tokenizer", hidden, layers)
+            result["memory"].append({"model": {"hidden": hidden, "layers": layers, "non_embedding_params": n_params},
+                                     **bench_memory(folder, texts, args.memory_batch)})
+            shutil.rmtree(folder)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
