@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from .cache import CacheConfig
 from .data.readers import DataConfig
 from .data.synth import SynthConfig
 from .embedder import EmbedderConfig, check_model_ref
@@ -23,6 +24,7 @@ from .errors import ConfigError
 from .stage1.cc import CCConfig
 from .stage1.mntp import MNTPConfig
 from .stage1.pretrain_lm import PretrainLMConfig
+from .stage2.runs import Stage2Config, VisionConfig
 
 
 @dataclass
@@ -41,18 +43,15 @@ class Stage1Config:
 
 
 @dataclass
-class VisionConfig:
-    model: str = "tiny"  # CLIP vision checkpoint: local folder, hub id, or 'tiny' (built from a config)
-
-
-@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     data: DataConfig = field(default_factory=DataConfig)
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
 
 def _valid_keys(schema: type, prefix: str, sections: bool) -> list[str]:
@@ -121,6 +120,9 @@ def validate(cfg: Config, *, require_data: bool = False) -> None:
     cfg.embedder.validate()
     cfg.stage1.pretrain.validate()
     cfg.stage1.cc.validate()
+    cfg.cache.validate()
+    cfg.vision.validate()
+    cfg.stage2.validate()
     # Explicit local paths are checked now; relative ones may be written by an earlier step (e.g.
     # stage1.pretrain.out) and are checked when the step that reads them starts.
     produced = cfg.stage1.pretrain.enabled and cfg.embedder.model == cfg.stage1.pretrain.out

@@ -1,8 +1,11 @@
 """Contrastive losses.
 
 `caption_contrastive_loss` is llm2vec's HardNegativeNLLLoss (scaled cosine, in-batch negatives plus
-one hard negative per query), extended to gather candidates from every rank with gradients (local
-loss: each rank scores its own queries against all candidates, open_clip style).
+one hard negative per query), extended to gather candidates from every rank with gradients.
+
+`clip_loss` / `ClipLoss` and `SigLipLoss` follow open_clip: features are gathered from every rank
+with gradients and, with `local_loss`, each rank scores only its own rows against all columns, so
+memory grows linearly with the global batch and results equal the one-process loss.
 """
 
 from __future__ import annotations
@@ -24,3 +27,53 @@ def caption_contrastive_loss(query: torch.Tensor, positive: torch.Tensor, negati
     logits = scale * F.normalize(query, dim=-1) @ F.normalize(candidates, dim=-1).T  # [B, world*B*(1|2)]
     labels = torch.arange(query.shape[0], device=query.device) + rank * query.shape[0]
     return F.cross_entropy(logits, labels)
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+              logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE on L2-normalised [N, D] features (public API, one process).
+
+    `logit_scale` is the multiplier, already exponentiated. Returns the mean of the image->text and
+    text->image cross-entropies."""
+    logits = logit_scale * image_features @ text_features.T  # [N, N]
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+class ClipLoss(torch.nn.Module):
+    """`clip_loss` across processes: gather-with-grad, then local or global scoring."""
+
+    def __init__(self, local_loss: bool = True):
+        super().__init__()
+        self.local_loss = local_loss
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+        rank, world_size = world()
+        if world_size == 1:
+            return clip_loss(image_features, text_features, logit_scale)
+        all_images, all_texts = all_gather_with_grad(image_features), all_gather_with_grad(text_features)
+        if not self.local_loss:  # every rank computes the whole [N, N] matrix
+            return clip_loss(all_images, all_texts, logit_scale)
+        n = image_features.shape[0]
+        labels = torch.arange(n, device=image_features.device) + n * rank
+        logits_per_image = logit_scale * image_features @ all_texts.T  # [n, world*n]
+        logits_per_text = logit_scale * text_features @ all_images.T  # [n, world*n]
+        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+class SigLipLoss(torch.nn.Module):
+    """Sigmoid loss (Zhai et al. 2023): every image-text pair is a binary decision. Other ranks' texts
+    arrive as negatives through a gather with gradients (open_clip's 'gather' implementation)."""
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+        rank, _ = world()
+        n = image_features.shape[0]
+        all_texts = all_gather_with_grad(text_features)
+        logits = logit_scale * image_features @ all_texts.T  # [n, world*n]
+        if logit_bias is not None:
+            logits = logits + logit_bias
+        labels = -torch.ones_like(logits)
+        labels[torch.arange(n), torch.arange(n) + n * rank] = 1.0
+        return -F.logsigmoid(labels * logits).sum() / n

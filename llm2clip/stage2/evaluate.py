@@ -1,0 +1,93 @@
+"""Retrieval evaluation of the three models on the test split, the results.json block and the plots.
+
+Caption sets: `short` (the short caption), `long` (every long paraphrase: several captions per image)
+and `second_language` (stage2.second_language_fields). Stage 2 trains on English captions only, so
+the second-language set measures what the LLM carries over.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..baseline import BaselineCLIP
+from ..eval import evaluate_retrieval
+from ..model import LLM2CLIP
+from .data import CachedVectors, LiveVectors
+from .runs import load_images, model_folder, pretrained_clip_folder, processor_for
+
+
+def caption_sets(cfg) -> dict[str, list[str]]:
+    return {"short": [cfg.data.short_caption_key], "long": list(cfg.data.long_caption_keys),
+            "second_language": list(cfg.stage2.second_language_fields)}
+
+
+def _baseline_encoders(model: BaselineCLIP, device):
+    model.to(device).eval()
+    return (lambda px: model.encode_image(px.to(device)),
+            lambda keys, captions: model.encode_text([c.text for c in captions]))
+
+
+def llm2clip_text_side(cfg, model: LLM2CLIP | None = None):
+    """Cached vectors when the cache holds the eval keys (it does by default), else the live LLM."""
+    from ..cache import EmbeddingCache, fingerprint
+    from .runs import embedder_config
+
+    expected = fingerprint(embedder_config(cfg), cfg.cache.dtype)
+    if not cfg.stage2.online and (Path(cfg.cache.out) / "index.json").is_file():
+        return CachedVectors(EmbeddingCache.open(cfg.cache.out, expect=expected, verify=cfg.cache.verify))
+    from ..embedder import CaptionEmbedder
+
+    return LiveVectors(model.embedder() if model is not None else CaptionEmbedder.load(embedder_config(cfg)))
+
+
+def _llm2clip_encoders(cfg, model: LLM2CLIP, device):
+    model.to(device).eval()
+    text_side = llm2clip_text_side(cfg, model)
+    return (lambda px: model.encode_image(px.to(device)),
+            lambda keys, captions: model.encode_text(text_side(keys, captions).to(device)))
+
+
+def run_eval(cfg, progress: bool = True, models: tuple[str, ...] = ("clip_pretrained", "clip_finetuned",
+                                                                       "llm2clip")) -> dict:
+    """Evaluate whichever of `models` exist; write plots; return the results.json dict (percent)."""
+    from ..report import plot_top5, plot_training_curves, print_results
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images = load_images(cfg, cfg.stage2.eval_data, progress=False)
+    sets = caption_sets(cfg)
+    stage2 = cfg.stage2
+    loaders = {
+        "clip_pretrained": lambda: _baseline_encoders(BaselineCLIP.from_pretrained(pretrained_clip_folder(cfg)),
+                                                      device),
+        "clip_finetuned": lambda: _baseline_encoders(BaselineCLIP.from_pretrained(model_folder(stage2.clip_finetune)),
+                                                     device),
+        "llm2clip": lambda: _llm2clip_encoders(cfg, LLM2CLIP.from_pretrained(model_folder(stage2.llm2clip)), device),
+    }
+    available = {"clip_pretrained": stage2.clip_pretrain.enabled or cfg.vision.model != "tiny",
+                 "clip_finetuned": (model_folder(stage2.clip_finetune) / "config.json").is_file(),
+                 "llm2clip": (model_folder(stage2.llm2clip) / "config.json").is_file()}
+    retrieval, features = {}, {}
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        for name in models:
+            if available[name]:
+                encode_images, encode_texts = loaders[name]()
+                retrieval[name], features[name] = evaluate_retrieval(encode_images, encode_texts, images, sets,
+                                                                     stage2.eval_batch_size)
+    cra_path = Path(cfg.stage1.cra_out)
+    cra = json.loads(cra_path.read_text()) if cra_path.is_file() else None
+    results = {"cra": {k: cra[k] for k in ("raw", "cc")} if cra else None, "retrieval": retrieval,
+               "eval_images": len(images), "eval_skipped": images.stats.skipped}
+    plots = Path(cfg.run.out_dir) / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    plot_training_curves({n: getattr(stage2, n).out for n in ("clip_pretrain", "clip_finetune", "llm2clip")},
+                         plots / "training_curves.png")
+    if "llm2clip" in features and "long" in features["llm2clip"]:
+        processor = processor_for(cfg)
+        plot_top5(features["llm2clip"], images, plots / "top5_long_captions.png", processor.image_mean,
+                  processor.image_std)
+    if progress:
+        print_results(results)
+    return results

@@ -1,0 +1,207 @@
+"""The stage-2 runs of a config: CLIP pretraining (tiny world), CLIP fine-tuning (the baseline) and
+LLM2CLIP training, each writing a model folder that later steps and exports read.
+
+    <run.out_dir>/stage2/clip_pretrain/model   HF CLIPModel folder (+ tokenizer, processor)
+    <run.out_dir>/stage2/clip_finetune/model   same, fine-tuned on mixed captions cut to 77 tokens
+    <run.out_dir>/stage2/llm2clip/model        LLM2CLIP folder (vision + projection + adapter)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..baseline import BaselineCLIP, TextTowerConfig
+from ..data.images import make_image_processor
+from ..errors import ConfigError
+from ..model import LLM2CLIP, ModelConfig
+from .data import CachedVectors, CaptionSampler, ImageSet, LiveVectors, Tokens
+from .train import TrainConfig, train_contrastive
+
+
+def _run(out: str, **kw) -> TrainConfig:
+    return TrainConfig(out=out, **kw)
+
+
+@dataclass
+class Stage2Config:
+    train_data: str = "${data.path}"
+    eval_data: str = "${run.out_dir}/data/test.jsonl"
+    second_language_fields: list[str] = field(default_factory=lambda: ["short_caption_zh", "long_caption_zh"])
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)  # the tiny baseline's text tower
+    clip_pretrain: TrainConfig = field(default_factory=lambda: _run(
+        "${run.out_dir}/stage2/clip_pretrain", enabled=False, long_caption_ratio=0.0))
+    clip_finetune: TrainConfig = field(default_factory=lambda: _run(
+        "${run.out_dir}/stage2/clip_finetune", lr=1e-5))
+    llm2clip: TrainConfig = field(default_factory=lambda: _run("${run.out_dir}/stage2/llm2clip", lr=1e-5))
+    online: bool = False  # feed live LLM embeddings instead of the cache (comparison / ablation)
+    eval_batch_size: int = 256
+
+    def validate(self) -> None:
+        self.model.validate()
+        for name in ("clip_pretrain", "clip_finetune", "llm2clip"):
+            getattr(self, name).validate(name)
+
+
+@dataclass
+class VisionConfig:
+    model: str = "tiny"  # CLIP checkpoint (local folder or hub id; full CLIP or vision-only), or 'tiny'
+    # 'tiny': a CLIPVisionConfig at toy size (image size = data.image_size)
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    patch_size: int = 8
+    freeze_layers: int = 0  # freeze the patch embedding and the first N transformer layers
+    lora: bool = False  # train LoRA on q/k/v (peft) instead of the full encoder
+    lora_r: int = 32
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if self.freeze_layers < 0 or self.lora_r < 1 or self.hidden_size % self.num_heads:
+            raise ConfigError("vision: freeze_layers >= 0, lora_r >= 1, hidden_size divisible by num_heads")
+
+
+def tiny_vision_config(vision: VisionConfig, image_size: int):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=vision.hidden_size, intermediate_size=4 * vision.hidden_size,
+                            num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_heads,
+                            image_size=image_size, patch_size=vision.patch_size, projection_dim=vision.hidden_size)
+
+
+def prepare_vision(vision_model: torch.nn.Module, vision: VisionConfig) -> torch.nn.Module:
+    """Apply freezing / LoRA / checkpointing to a CLIPVisionModel (or CLIPModel.vision_model)."""
+    inner = getattr(vision_model, "vision_model", vision_model)
+    if vision.freeze_layers:
+        inner.embeddings.requires_grad_(False)
+        inner.pre_layrnorm.requires_grad_(False)
+        for layer in inner.encoder.layers[: vision.freeze_layers]:
+            layer.requires_grad_(False)
+    if vision.gradient_checkpointing and hasattr(vision_model, "gradient_checkpointing_enable"):
+        vision_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if vision.lora:
+        from peft import LoraConfig, get_peft_model
+
+        vision_model = get_peft_model(vision_model, LoraConfig(r=vision.lora_r, lora_alpha=vision.lora_r,
+                                                               target_modules=["q_proj", "k_proj", "v_proj"]))
+    return vision_model
+
+
+def merged_vision(vision_model: torch.nn.Module) -> torch.nn.Module:
+    """A plain CLIPVisionModel: LoRA (if any) merged in."""
+    return vision_model.merge_and_unload() if hasattr(vision_model, "merge_and_unload") else vision_model
+
+
+def processor_for(cfg):
+    source = cfg.vision.model if cfg.vision.model != "tiny" and Path(cfg.vision.model).is_dir() else None
+    return make_image_processor(cfg.data.image_size, source)
+
+
+def load_images(cfg, path: str, progress: bool = True) -> ImageSet:
+    return ImageSet.load(cfg.data, path, processor_for(cfg), tuple(cfg.stage2.second_language_fields), progress)
+
+
+def model_folder(run: TrainConfig) -> Path:
+    return Path(run.out) / "model"
+
+
+def _train(cfg, model, text_side, images: ImageSet, run: TrainConfig, name: str, loss: str, progress: bool) -> dict:
+    sampler = CaptionSampler(cfg.data.short_caption_key, list(cfg.data.long_caption_keys), run.long_caption_ratio,
+                             cfg.run.seed)
+    summary = train_contrastive(model, text_side, images, sampler, run, name=name, seed=cfg.run.seed, loss=loss,
+                                progress=progress)
+    (Path(run.out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def run_clip_pretrain(cfg, images: ImageSet, progress: bool = True) -> dict:
+    """Tiny world: a CLIP trained from scratch on short captions (the stand-in for OpenAI's weights)."""
+    from ..distributed import world
+
+    if cfg.vision.model != "tiny":
+        raise ConfigError("stage2.clip_pretrain trains a CLIP from scratch and is for vision.model=tiny; real "
+                          "checkpoints arrive pretrained (set stage2.clip_pretrain.enabled=false)")
+    torch.manual_seed(cfg.run.seed)
+    model = BaselineCLIP.from_config(tiny_vision_config(cfg.vision, cfg.data.image_size), cfg.stage2.text,
+                                     cfg.stage2.model.embed_dim)
+    summary = _train(cfg, model, Tokens(model), images, cfg.stage2.clip_pretrain, "clip_pretrain", "clip", progress)
+    if world()[0] == 0:
+        model.save_pretrained(model_folder(cfg.stage2.clip_pretrain), processor_for(cfg))
+    return summary
+
+
+def pretrained_clip_folder(cfg) -> str:
+    """Where the pretrained CLIP lives: our clip_pretrain output, or the configured checkpoint."""
+    if cfg.stage2.clip_pretrain.enabled:
+        folder = model_folder(cfg.stage2.clip_pretrain)
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"{folder} does not exist yet; run `llm2clip stage2 pretrain-clip` first")
+        return str(folder)
+    if cfg.vision.model == "tiny":
+        raise ConfigError("vision.model=tiny needs stage2.clip_pretrain.enabled=true (nothing else pretrains it)")
+    return cfg.vision.model
+
+
+def run_clip_finetune(cfg, images: ImageSet, progress: bool = True) -> dict:
+    """The paper's baseline: the same mixed captions, through CLIP's own 77-token text encoder."""
+    from ..distributed import world
+
+    model = BaselineCLIP.from_pretrained(pretrained_clip_folder(cfg))
+    model.clip.vision_model = prepare_vision(model.clip.vision_model, cfg.vision)
+    summary = _train(cfg, model, Tokens(model), images, cfg.stage2.clip_finetune, "clip_finetune", "clip", progress)
+    if world()[0] == 0:
+        model.clip.vision_model = merged_vision(model.clip.vision_model)
+        model.save_pretrained(model_folder(cfg.stage2.clip_finetune), processor_for(cfg))
+    summary["text_truncated"] = model.stats["truncated"]
+    return summary
+
+
+def build_llm2clip(cfg, llm_dim: int, embedder_ref: dict | None) -> LLM2CLIP:
+    from transformers import CLIPVisionModel
+
+    vision = CLIPVisionModel.from_pretrained(pretrained_clip_folder(cfg))
+    torch.manual_seed(cfg.run.seed)
+    model_cfg = cfg.stage2.model
+    if model_cfg.loss == "siglip" and math.isclose(model_cfg.init_logit_scale, math.log(1 / 0.07)):
+        model_cfg = ModelConfig(**{**model_cfg.__dict__, "init_logit_scale": math.log(10)})
+    return LLM2CLIP(vision, llm_dim, model_cfg, embedder_ref)
+
+
+def run_llm2clip(cfg, images: ImageSet, progress: bool = True) -> dict:
+    """Vision encoder + adapter against the frozen LLM: cached vectors, or live ones (stage2.online)."""
+    from ..cache import EmbeddingCache, fingerprint
+    from ..distributed import world
+    from ..embedder import CaptionEmbedder
+
+    emb_cfg = embedder_config(cfg)
+    expected = fingerprint(emb_cfg, cfg.cache.dtype)
+    if cfg.stage2.online:
+        embedder = CaptionEmbedder.load(emb_cfg)
+        text_side, llm_dim = LiveVectors(embedder), embedder.dim
+    else:
+        cache = EmbeddingCache.open(cfg.cache.out, expect=expected, verify=cfg.cache.verify)
+        text_side, llm_dim = CachedVectors(cache), cache.dim
+    ref = {"config": emb_cfg.saved_fields(), "fingerprint": expected}
+    model = build_llm2clip(cfg, llm_dim, ref)
+    model.vision = prepare_vision(model.vision, cfg.vision)
+    summary = _train(cfg, model, text_side, images, cfg.stage2.llm2clip, "llm2clip", cfg.stage2.model.loss, progress)
+    if world()[0] == 0:
+        model.vision = merged_vision(model.vision)
+        model.save_pretrained(model_folder(cfg.stage2.llm2clip), processor_for(cfg))
+    return summary
+
+
+def embedder_config(cfg):
+    """The embedder stage 2 reads: stage 1's CC output when it exists, else `embedder` as configured
+    (e.g. an already CC-fine-tuned, merged LLM)."""
+    from ..embedder import CONFIG_NAME, LLM2VEC_CONFIG_NAME, read_embedder_config
+
+    folder = Path(cfg.stage1.cc.out)
+    if (folder / CONFIG_NAME).is_file() or (folder / LLM2VEC_CONFIG_NAME).is_file():
+        return read_embedder_config(folder, device=cfg.embedder.device)
+    return cfg.embedder

@@ -1,0 +1,191 @@
+"""One contrastive training loop for every stage-2 run: CLIP pretraining and fine-tuning (baseline) and
+LLM2CLIP (vision encoder + text adapter against frozen LLM vectors).
+
+- AdamW, transformers' cosine schedule with warmup, grad-norm clipping, bf16 autocast, logit scale
+  clamped to ln(100) after each step.
+- Gradient accumulation as open_clip's `--accum-freq`: features of every micro-batch are computed
+  once without grad, then each micro-batch is recomputed with grad against all of them, so the
+  negatives span the whole accumulated batch and the gradient equals the big-batch gradient.
+- One process, torchrun (DDP; each rank takes a slice of the global batch and features are gathered
+  with gradients) or DeepSpeed (`deepspeed` = a ZeRO JSON config).
+- Atomic checkpoints every `checkpoint_every` steps; `resume` continues from the newest valid one and,
+  on CPU, reproduces the uninterrupted run bit for bit (batches and captions are functions of the step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..distributed import init_from_env
+from ..errors import ConfigError
+from ..losses import ClipLoss, SigLipLoss
+from .data import CaptionSampler, ImageSet, batch_indices
+
+
+@dataclass
+class TrainConfig:
+    enabled: bool = True
+    steps: int = 300
+    batch_size: int = 128  # global, over all processes and accumulation steps
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.05
+    max_grad_norm: float = 5.0
+    long_caption_ratio: float = 0.5  # share of samples that train with a long caption (paper: 1:1)
+    accum_freq: int = 1  # micro-batches per step; negatives still span the whole batch
+    checkpoint_every: int = 100  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    deepspeed: str | None = None  # DeepSpeed JSON (ZeRO-1/2); run under torchrun or the deepspeed launcher
+    out: str = "${run.out_dir}/stage2/run"
+
+    def validate(self, name: str) -> None:
+        if self.batch_size < 2 or self.steps < 1 or self.accum_freq < 1:
+            raise ConfigError(f"stage2.{name}: batch_size must be >= 2, steps and accum_freq >= 1")
+        if not 0.0 <= self.long_caption_ratio <= 1.0:
+            raise ConfigError(f"stage2.{name}.long_caption_ratio must be in [0, 1]")
+        if self.deepspeed and self.accum_freq > 1:
+            raise ConfigError(f"stage2.{name}: accum_freq > 1 is not supported under DeepSpeed; raise batch_size "
+                              "or use torchrun")
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    from transformers import get_cosine_schedule_with_warmup
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # no decay on norms, biases, logit scale/bias (open_clip's exclusion rule)
+            (decay if p.ndim >= 2 and "logit_" not in name else no_decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps)
+
+
+def _to(x, device):
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
+def _split(x, n: int) -> list:
+    if isinstance(x, dict):
+        parts = {k: v.chunk(n) for k, v in x.items()}
+        return [{k: parts[k][i] for k in parts} for i in range(n)]
+    return list(x.chunk(n))
+
+
+def _step_loss(model, loss_fn, pixels, text_in, accum_freq: int, no_sync) -> torch.Tensor:
+    """Forward + backward of one step; returns the loss (detached)."""
+    if accum_freq == 1:
+        image, text, scale, bias = model(pixels, text_in)
+        loss = loss_fn(image, text, scale, bias)
+        loss.backward()
+        return loss.detach()
+    px, tx = pixels.chunk(accum_freq), _split(text_in, accum_freq)
+    with torch.no_grad():
+        cached = [model(p, t)[:2] for p, t in zip(px, tx, strict=True)]  # [(image [b, E], text [b, E])]
+    for j in range(accum_freq):
+        image_j, text_j, scale, bias = model(px[j], tx[j])
+        images = torch.cat([image_j if i == j else c[0] for i, c in enumerate(cached)])
+        texts = torch.cat([text_j if i == j else c[1] for i, c in enumerate(cached)])
+        if j > 0:  # the scale/bias gradient is complete after the first pass; don't count it again
+            scale, bias = scale.detach(), bias.detach() if bias is not None else None
+        with no_sync() if j < accum_freq - 1 else contextlib.nullcontext():
+            loss = loss_fn(images, texts, scale, bias)
+            loss.backward()
+    return loss.detach()
+
+
+def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampler: CaptionSampler,
+                      cfg: TrainConfig, *, name: str, seed: int = 0, loss: str = "clip", resume: bool = True,
+                      progress: bool = True, device: torch.device | None = None) -> dict:
+    """Train `model` (forward(pixels, text_input) -> image, text, scale, bias) in place; returns a summary."""
+    cfg.validate(name)
+    rank, world_size = init_from_env()
+    if cfg.batch_size % (world_size * cfg.accum_freq):
+        raise ConfigError(f"stage2.{name}.batch_size={cfg.batch_size} must divide by processes x accum_freq "
+                          f"({world_size} x {cfg.accum_freq})")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
+    loss_fn = SigLipLoss() if loss == "siglip" else ClipLoss(local_loss=True)
+    optimizer, scheduler = _optimizer(model, cfg)
+    out = Path(cfg.out)
+    start, rejected = 0, []
+    if resume:
+        ckpt, rejected = latest_checkpoint(out / "checkpoints")
+        if ckpt is not None:
+            start = load_checkpoint(ckpt, model, optimizer, scheduler)
+    engine, no_sync = model, contextlib.nullcontext
+    if cfg.deepspeed:
+        import deepspeed
+
+        from ..stage1.cc import deepspeed_config
+
+        ds = deepspeed_config(cfg.deepspeed, cfg.batch_size // world_size, world_size, cfg.max_grad_norm,
+                              bf16=device.type == "cuda")
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                               lr_scheduler=scheduler, config=ds)
+    elif world_size > 1:
+        engine = torch.nn.parallel.DistributedDataParallel(model)
+        no_sync = engine.no_sync
+    writer = _tensorboard(out / "tensorboard") if rank == 0 else None
+    curve, seen, t0 = [], 0, time.perf_counter()
+    bar = tqdm(range(start, cfg.steps), desc=f"stage2 {name}", disable=not progress or rank != 0,
+               initial=start, total=cfg.steps)
+    for step in bar:
+        idx = batch_indices(len(images), cfg.batch_size, step, seed).view(world_size, -1)[rank]  # [b]
+        keys = [images.keys[i] for i in idx]
+        captions = sampler.choose([images.captions[i] for i in idx], step)
+        pixels, text_in = images.pixels[idx].to(device), _to(text_side(keys, captions), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            if cfg.deepspeed:
+                image, text, scale, bias = engine(pixels, text_in)
+                step_loss = loss_fn(image, text, scale, bias)
+                engine.backward(step_loss)
+                engine.step()
+            else:
+                step_loss = _step_loss(engine, loss_fn, pixels, text_in, cfg.accum_freq, no_sync)
+        if not cfg.deepspeed:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        model.clamp_logit_scale()
+        value = step_loss.item()
+        curve.append(value)
+        seen += cfg.batch_size
+        rate = seen / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.0f}")
+        if writer:
+            writer.add_scalar(f"{name}/loss", value, step)
+            writer.add_scalar(f"{name}/lr", scheduler.get_last_lr()[0], step)
+            writer.add_scalar(f"{name}/logit_scale", model.logit_scale.exp().item(), step)
+            writer.add_scalar(f"{name}/images_per_s", rate, step)
+        last = step + 1 == cfg.steps
+        if rank == 0 and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last):
+            save_checkpoint(out / "checkpoints", step + 1, model, optimizer, scheduler, cfg.keep_checkpoints)
+    if writer:
+        writer.close()
+    summary = {"steps": cfg.steps, "resumed_from": start, "damaged_checkpoints": rejected,
+               "loss_first": curve[0] if curve else None, "loss_last": curve[-1] if curve else None,
+               "images_per_s": round(seen / max(time.perf_counter() - t0, 1e-9), 1), "world_size": world_size}
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "loss.jsonl", "a" if start else "w") as f:
+            for i, v in enumerate(curve, start):
+                f.write(json.dumps({"step": i, "loss": v}) + "\n")
+    return summary
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but a bare environment should still train
+        return None
+    return SummaryWriter(str(folder))

@@ -1,0 +1,106 @@
+"""The embedding cache: exact vectors by key, fingerprint refusal, resume, corruption, rank sharding."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from llm2clip.cache import CacheConfig, EmbeddingCache, MissingEmbedding, build_cache, fingerprint
+from llm2clip.data.readers import CaptionReader, DataConfig
+from llm2clip.embedder import CaptionEmbedder, EmbedderConfig
+from llm2clip.errors import ConfigError, DataError
+from tests.helpers import save_tiny_llm
+
+FIELDS = ["short_caption", "long_caption", "long_caption_zh"]
+
+
+@pytest.fixture(scope="module")
+def emb_cfg(world, tmp_path_factory):
+    lm = save_tiny_llm(tmp_path_factory.mktemp("lm") / "lm", world / "tokenizer")
+    return EmbedderConfig(model=str(lm), device="cpu", max_length=128)
+
+
+def _cfg(world, out, **kw):
+    return CacheConfig(out=str(out), data=[str(world / "train.jsonl"), str(world / "test.jsonl")], fields=FIELDS,
+                       part_size=16, **kw)
+
+
+def test_cache_serves_the_embedders_vectors_by_key(world, emb_cfg, tmp_path):
+    summary = build_cache(_cfg(world, tmp_path / "c", dtype="float32"), emb_cfg, progress=False)
+    cache = EmbeddingCache.open(tmp_path / "c", expect=fingerprint(emb_cfg, "float32"))
+    samples = list(CaptionReader(DataConfig(path=str(world / "test.jsonl")), load_images=False))
+    n_train = len(list(CaptionReader(DataConfig(path=str(world / "train.jsonl")), load_images=False)))
+    assert summary["num_keys"] == len(cache) == n_train + len(samples) and cache.dim == 64
+    expected = CaptionEmbedder.load(emb_cfg).encode([s.meta["long_caption_zh"] for s in samples])
+    torch.testing.assert_close(cache.lookup([s.key for s in samples], "long_caption_zh"), expected)
+    assert build_cache(_cfg(world, tmp_path / "c", dtype="float32"), emb_cfg, progress=False)["reused"]
+
+
+def test_bf16_storage_halves_the_bytes(world, emb_cfg, tmp_path):
+    build_cache(_cfg(world, tmp_path / "c"), emb_cfg, progress=False)
+    cache = EmbeddingCache.open(tmp_path / "c")
+    assert cache.lookup(cache.keys[:3], "short_caption").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("change", [{"pooling": "eos"}, {"instruction": "Embed this"}, {"max_length": 64}])
+def test_a_cache_of_another_setup_is_refused_naming_what_differs(world, emb_cfg, tmp_path, change):
+    build_cache(_cfg(world, tmp_path / "c"), emb_cfg, progress=False)
+    other = replace(emb_cfg, **change)
+    key = next(iter(change))
+    with pytest.raises(ConfigError, match=key):
+        EmbeddingCache.open(tmp_path / "c", expect=fingerprint(other, "bfloat16"))
+    with pytest.raises(ConfigError, match=key):
+        build_cache(_cfg(world, tmp_path / "c"), other, progress=False)
+
+
+def test_other_weights_change_the_fingerprint(world, emb_cfg, tmp_path):
+    other = save_tiny_llm(tmp_path / "lm2", world / "tokenizer", seed=1)
+    assert fingerprint(emb_cfg, "bfloat16")["model"] != fingerprint(replace(emb_cfg, model=str(other)),
+                                                                    "bfloat16")["model"]
+
+
+def test_a_killed_build_resumes_without_missing_or_duplicated_keys(world, emb_cfg, tmp_path):
+    cfg = _cfg(world, tmp_path / "c")
+    build_cache(cfg, emb_cfg, progress=False)
+    full = EmbeddingCache.open(tmp_path / "c")
+    # a kill after the first two parts: later parts and the index never got written
+    parts = sorted((tmp_path / "c/parts").glob("*.safetensors"))
+    for p in parts[2:]:
+        p.unlink()
+    (tmp_path / "c/index.json").unlink()
+    (tmp_path / "c/parts/r000-000002.safetensors.tmp").write_bytes(b"half a file")  # the part being written
+    summary = build_cache(cfg, emb_cfg, progress=False)
+    assert summary["embedded_now"] == len(full) - 2 * 16
+    resumed = EmbeddingCache.open(tmp_path / "c")
+    index = json.loads((tmp_path / "c/index.json").read_text())
+    assert sorted(resumed.keys) == sorted(full.keys) and sum(p["rows"] for p in index["parts"]) == len(full)
+    torch.testing.assert_close(resumed.lookup(full.keys, "long_caption"), full.lookup(full.keys, "long_caption"))
+
+
+def test_a_corrupted_or_truncated_part_is_named(world, emb_cfg, tmp_path):
+    build_cache(_cfg(world, tmp_path / "c"), emb_cfg, progress=False)
+    part = sorted((tmp_path / "c/parts").glob("*.safetensors"))[1]
+    data = bytearray(part.read_bytes())
+    data[-10] ^= 0xFF
+    part.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=part.name):
+        EmbeddingCache.open(tmp_path / "c")
+    part.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(DataError, match="truncated"):
+        EmbeddingCache.open(tmp_path / "c")
+
+
+def test_a_missing_key_or_field_is_named(world, emb_cfg, tmp_path):
+    build_cache(_cfg(world, tmp_path / "c"), emb_cfg, progress=False)
+    cache = EmbeddingCache.open(tmp_path / "c")
+    with pytest.raises(MissingEmbedding, match="'no-such-key'"):
+        cache.lookup([cache.keys[0], "no-such-key"], "short_caption")
+    with pytest.raises(MissingEmbedding, match="no field 'long_caption_2'"):
+        cache.lookup(cache.keys[:1], "long_caption_2")
+
+
+def test_duplicate_keys_across_files_are_refused(world, emb_cfg, tmp_path):
+    cfg = CacheConfig(out=str(tmp_path / "c"), data=[str(world / "test.jsonl")] * 2, fields=FIELDS)
+    with pytest.raises(DataError, match="appears twice"):
+        build_cache(cfg, emb_cfg, progress=False)
