@@ -41,6 +41,7 @@ class TrainConfig:
     max_grad_norm: float = 5.0
     long_caption_ratio: float = 0.5  # share of samples that train with a long caption (paper: 1:1)
     accum_freq: int = 1  # micro-batches per step; negatives still span the whole batch
+    precision: str = "bf16"  # bf16 (autocast) | fp32
     checkpoint_every: int = 100  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     deepspeed: str | None = None  # DeepSpeed JSON (ZeRO-1/2); run under torchrun or the deepspeed launcher
@@ -51,6 +52,8 @@ class TrainConfig:
             raise ConfigError(f"stage2.{name}: batch_size must be >= 2, steps and accum_freq >= 1")
         if not 0.0 <= self.long_caption_ratio <= 1.0:
             raise ConfigError(f"stage2.{name}.long_caption_ratio must be in [0, 1]")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"stage2.{name}.precision must be bf16 or fp32")
         if self.deepspeed and self.accum_freq > 1:
             raise ConfigError(f"stage2.{name}: accum_freq > 1 is not supported under DeepSpeed; raise batch_size "
                               "or use torchrun")
@@ -139,11 +142,14 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
     bar = tqdm(range(start, cfg.steps), desc=f"stage2 {name}", disable=not progress or rank != 0,
                initial=start, total=cfg.steps)
     for step in bar:
-        idx = batch_indices(len(images), cfg.batch_size, step, seed).view(world_size, -1)[rank]  # [b]
+        # The global batch and its captions are drawn identically on every rank; each takes its slice.
+        batch = batch_indices(len(images), cfg.batch_size, step, seed)  # [B]
+        chosen = sampler.choose([images.captions[i] for i in batch], step)
+        b = cfg.batch_size // world_size
+        idx, captions = batch[rank * b:(rank + 1) * b], chosen[rank * b:(rank + 1) * b]
         keys = [images.keys[i] for i in idx]
-        captions = sampler.choose([images.captions[i] for i in idx], step)
         pixels, text_in = images.pixels[idx].to(device), _to(text_side(keys, captions), device)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             if cfg.deepspeed:
                 image, text, scale, bias = engine(pixels, text_in)
                 step_loss = loss_fn(image, text, scale, bias)

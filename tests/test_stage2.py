@@ -1,0 +1,139 @@
+"""Stage-2 training mechanics: accumulation, kill-and-resume, damaged checkpoints, multi-process, export."""
+
+import contextlib
+import os
+
+import pytest
+import torch
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+from llm2clip.checkpoint import latest_checkpoint, save_checkpoint
+from llm2clip.data.images import make_image_processor
+from llm2clip.export import export_model, export_vision_tower
+from llm2clip.losses import ClipLoss
+from llm2clip.model import LLM2CLIP, ModelConfig
+from llm2clip.stage2.data import CaptionSampler, ImageSet
+from llm2clip.stage2.train import TrainConfig, _step_loss, train_contrastive
+
+LLM_DIM, N = 24, 16
+
+
+def _model(seed=0) -> LLM2CLIP:
+    torch.manual_seed(seed)
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, image_size=32, patch_size=8))
+    return LLM2CLIP(vision, LLM_DIM, ModelConfig(embed_dim=16, adapter_depth=2))
+
+
+def _images() -> ImageSet:
+    g = torch.Generator().manual_seed(1)
+    captions = [{"short_caption": f"s{i}", "long_caption": f"l{i}"} for i in range(N)]
+    return ImageSet([f"k{i}" for i in range(N)], torch.randn(N, 3, 32, 32, generator=g), captions, stats=None)
+
+
+class Vectors:
+    """A stand-in cache: a fixed random vector per (key, field)."""
+
+    def __init__(self, fail_at_call: int | None = None):
+        self.table = torch.randn(N, 2, LLM_DIM, generator=torch.Generator().manual_seed(2))
+        self.calls, self.fail_at_call = 0, fail_at_call
+
+    def __call__(self, keys, captions):
+        self.calls += 1
+        if self.calls == self.fail_at_call:
+            raise KeyboardInterrupt("killed")
+        pairs = zip(keys, captions, strict=True)
+        return torch.stack([self.table[int(k[1:]), int(c.field == "long_caption")] for k, c in pairs])
+
+
+def _train(out, steps=6, fail_at_call=None, resume=True, **kw):
+    model = _model()
+    cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-3, warmup_steps=2, checkpoint_every=3, out=str(out), **kw)
+    sampler = CaptionSampler("short_caption", ["long_caption"], 0.5, seed=0)
+    train_contrastive(model, Vectors(fail_at_call), _images(), sampler, cfg, name="t", resume=resume,
+                      progress=False, device=torch.device("cpu"))
+    return model
+
+
+def test_accumulated_gradient_equals_the_big_batch_gradient():
+    images, vectors = _images(), Vectors()
+    pixels, text = images.pixels[:8], vectors.table[:8, 0]
+    grads = []
+    for accum in (1, 2, 4):
+        model = _model()
+        _step_loss(model, ClipLoss(), pixels, text, accum, no_sync=contextlib.nullcontext)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for other in grads[1:]:
+        assert other.keys() == grads[0].keys()
+        for name, g in grads[0].items():
+            torch.testing.assert_close(other[name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_kill_and_resume_gives_bitwise_identical_weights(tmp_path):
+    reference = _train(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "b", fail_at_call=5)  # dies during step 5, after the step-3 checkpoint
+    assert [p.name for p in (tmp_path / "b/checkpoints").glob("step-*")] == ["step-0000003"]
+    resumed = _train(tmp_path / "b")
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    for step in (2, 4):
+        save_checkpoint(tmp_path, step, model, optimizer, None)
+    weights = tmp_path / "step-0000004/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a kill while the filesystem was copying
+    ckpt, rejected = latest_checkpoint(tmp_path)
+    assert ckpt.name == "step-0000002" and "model.safetensors" in rejected[0]
+    (tmp_path / "step-0000002/manifest.json").unlink()  # a save that never finished
+    assert latest_checkpoint(tmp_path)[0] is None
+
+
+def test_exported_tower_loads_in_stock_transformers_with_identical_hidden_states(tmp_path):
+    model = _model().eval()
+    processor = make_image_processor(32)
+    export_vision_tower(model, tmp_path / "tower", processor)
+    stock = CLIPVisionModel.from_pretrained(tmp_path / "tower").eval()
+    assert stock.config.model_type == "clip_vision_model"
+    assert CLIPImageProcessor.from_pretrained(tmp_path / "tower").crop_size == {"height": 32, "width": 32}
+    pixels = _images().pixels[:3]
+    with torch.no_grad():
+        ours = model.vision(pixels, output_hidden_states=True).hidden_states
+        theirs = stock(pixels, output_hidden_states=True).hidden_states
+    assert len(ours) == len(theirs) == 3
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+    export_model(model, tmp_path / "whole", processor)
+    loaded = LLM2CLIP.from_pretrained(tmp_path / "whole")
+    vectors = Vectors().table[:3, 0]
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(pixels), model.encode_image(pixels))
+        assert torch.equal(loaded.encode_text(vectors), model.encode_text(vectors))
+
+
+def _ddp_worker(rank, world_size, port, out_dir, result):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    model = _train(out_dir / f"r{rank}", steps=2, resume=False, precision="fp32")
+    result[rank] = {k: v.clone() for k, v in model.state_dict().items()}
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_train_like_one(tmp_path):
+    """DDP over 2 processes, each with half of every global batch, ends at the one-process weights (fp32:
+    bf16 rounds differently for different matrix shapes)."""
+    import torch.multiprocessing as mp
+
+    result = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, 29541, tmp_path, result), nprocs=2, join=True)
+    single = _train(tmp_path / "single", steps=2, resume=False, precision="fp32").state_dict()
+    for name, value in single.items():
+        torch.testing.assert_close(result[0][name], value, atol=1e-5, rtol=0, msg=name)
+        assert torch.equal(result[0][name], result[1][name])
