@@ -56,15 +56,16 @@ class BaselineCLIP(nn.Module):
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         config = CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(),
                             projection_dim=embed_dim)
+        config._attn_implementation = vision_config._attn_implementation
         return cls(CLIPModel(config), tokenizer, text.max_length)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> BaselineCLIP:
+    def from_pretrained(cls, folder: str | Path, attn_implementation: str | None = None) -> BaselineCLIP:
         from transformers import AutoTokenizer, CLIPModel
 
         if not (Path(folder) / "config.json").is_file():
             raise ConfigError(f"{folder} is not a CLIP checkpoint folder (no config.json)")
-        clip = CLIPModel.from_pretrained(str(folder))
+        clip = CLIPModel.from_pretrained(str(folder), attn_implementation=attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         return cls(clip, tokenizer, clip.config.text_config.max_position_embeddings)
 

@@ -3,6 +3,11 @@
     llm2clip data synth   --out DIR --num-images N --seed S   generate the shapes world
     llm2clip data inspect [PATH] [--strict]                   read a dataset, report what was skipped
     llm2clip stage1 pretrain-lm | mntp | cc | eval-cra | merge | all   LLM -> caption embedder
+    llm2clip cache build                                      embed every caption once
+    llm2clip stage2 pretrain-clip | finetune-clip | train | eval | all
+    llm2clip run [--force]                                    the main job, end to end
+    llm2clip export                                           vision tower + whole model
+    llm2clip ablate online                                    cached vs live LLM embeddings
     llm2clip config show | keys                               print the resolved config / every key
 """
 
@@ -92,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=_cmd_inspect)
 
     from .stage1.cli import add_parser as add_stage1
+    from .stage2.cli import add_parsers as add_stage2
 
     add_stage1(groups, _add_config_args)
+    add_stage2(groups, _add_config_args)
 
     config = groups.add_parser("config", help="show the resolved config or list its keys")
     config.add_argument("what", choices=("show", "keys"))

@@ -88,7 +88,13 @@ def run_main(cfg, *, force: bool = False, progress: bool = True) -> dict:
 
     start = time.perf_counter()
     out = Path(cfg.run.out_dir)
-    summary = {"stage1": _stage1(cfg, force, progress), "cache": _cache(cfg, force, progress)}
+    summary = {}
+    if cfg.synth.enabled:
+        from .data.synth import synthesize
+
+        _log("data: the shapes world")
+        summary["data"] = synthesize(cfg.synth, out / "data", overwrite=force, progress=progress)["splits"]
+    summary.update(stage1=_stage1(cfg, force, progress), cache=_cache(cfg, force, progress))
     train_images = None
 
     def images():

@@ -104,3 +104,29 @@ def test_duplicate_keys_across_files_are_refused(world, emb_cfg, tmp_path):
     cfg = CacheConfig(out=str(tmp_path / "c"), data=[str(world / "test.jsonl")] * 2, fields=FIELDS)
     with pytest.raises(DataError, match="appears twice"):
         build_cache(cfg, emb_cfg, progress=False)
+
+
+def _rank_worker(rank, world_size, port, cfg, emb_cfg):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    build_cache(cfg, emb_cfg, progress=False)  # joins the process group from the environment
+    dist.destroy_process_group()
+
+
+def test_two_ranks_split_the_work_and_cover_every_key_once(world, emb_cfg, tmp_path):
+    import torch.multiprocessing as mp
+
+    cfg = _cfg(world, tmp_path / "c")
+    mp.spawn(_rank_worker, args=(2, 29551, cfg, emb_cfg), nprocs=2, join=True)
+    index = json.loads((tmp_path / "c/index.json").read_text())
+    assert {p["file"].split("/")[1][:4] for p in index["parts"]} == {"r000", "r001"}
+    cache = EmbeddingCache.open(tmp_path / "c")
+    build_cache(_cfg(world, tmp_path / "one"), emb_cfg, progress=False)
+    single = EmbeddingCache.open(tmp_path / "one")
+    assert sorted(cache.keys) == sorted(single.keys) and sum(p["rows"] for p in index["parts"]) == len(single)
+    torch.testing.assert_close(cache.lookup(single.keys, "short_caption").float(),
+                               single.lookup(single.keys, "short_caption").float())

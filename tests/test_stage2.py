@@ -137,3 +137,89 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     for name, value in single.items():
         torch.testing.assert_close(result[0][name], value, atol=1e-5, rtol=0, msg=name)
         assert torch.equal(result[0][name], result[1][name])
+
+
+def test_main_job_end_to_end_micro_run(world, tmp_path):
+    """data -> stage 1 -> cache -> CLIP pretrain/fine-tune -> LLM2CLIP -> eval -> export, tiny budgets."""
+    import json
+
+    from llm2clip.cli import main
+
+    d = world
+    sets = [f"run.out_dir={tmp_path}", f"data.path={d}/train.jsonl", "data.image_size=32",
+            f"stage1.pretrain.corpus={d}/corpus.txt", f"stage1.pretrain.tokenizer={d}/tokenizer",
+            "stage1.pretrain.hidden_size=32", "stage1.pretrain.num_layers=1", "stage1.pretrain.intermediate_size=64",
+            "stage1.pretrain.steps=5", "stage1.pretrain.seq_len=32", "stage1.pretrain.batch_size=4",
+            f"stage1.cc.text_pairs={d}/parallel.jsonl", "stage1.cc.steps=3", "stage1.cc.batch_size=4",
+            f"stage1.cra_data={d}/test.jsonl", "embedder.max_length=96",
+            f"cache.data=[{d}/train.jsonl,{d}/test.jsonl]", f"stage2.eval_data={d}/test.jsonl",
+            f"stage2.text.tokenizer={d}/tokenizer", "vision.hidden_size=32", "vision.num_layers=1",
+            "vision.patch_size=16", "stage2.model.embed_dim=16", "stage2.model.adapter_depth=1",
+            *(f"stage2.{r}.{k}" for r in ("clip_pretrain", "clip_finetune", "llm2clip")
+              for k in ("steps=3", "batch_size=8", "checkpoint_every=2"))]
+    argv = ["run", "--config", "configs/tiny.yaml", "--no-progress", *[x for s in sets for x in ("--set", s)]]
+    assert main([*argv, "--set", "synth.enabled=false"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["retrieval"]) == {"clip_pretrained", "clip_finetuned", "llm2clip"}
+    for per_set in results["retrieval"].values():
+        assert set(per_set) == {"short", "long", "second_language"}
+        for metrics in per_set.values():
+            assert set(metrics) == {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+            assert all(0 <= v <= 100 for v in metrics.values())
+    assert set(results["cra"]) == {"raw", "cc"} and results["wall_seconds"] > 0
+    assert CLIPVisionModel.from_pretrained(tmp_path / "vision_tower").config.model_type == "clip_vision_model"
+    assert LLM2CLIP.from_pretrained(tmp_path / "llm2clip").llm_dim == 32
+    assert (tmp_path / "plots/training_curves.png").is_file() and (tmp_path / "plots/top5_long_captions.png").is_file()
+    assert main([*argv, "--set", "synth.enabled=false"]) == 0  # everything is reused
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    assert summary["stage1"] == {} and summary["cache"]["reused"] and "reused" in summary["llm2clip"]
+
+
+def test_missing_cache_entries_are_skipped_and_counted_or_named_in_strict_mode():
+    from llm2clip.cache import MissingEmbedding
+    from llm2clip.data.readers import SkipCounter
+
+    class Cache:
+        folder = "cache"
+
+        def has(self, key, field):  # k3 has no embeddings at all, k5 lacks its long caption
+            return key != "k3" and not (key == "k5" and field == "long_caption")
+
+    images = _images()
+    with pytest.raises(MissingEmbedding, match="'k3'"):
+        images.keep_cached(Cache(), strict=True)
+    images = _images()
+    images.stats = SkipCounter()
+    assert images.keep_cached(Cache(), strict=False) == 1
+    assert "k3" not in images.keys and len(images) == N - 1 == images.pixels.shape[0]
+    assert images.captions[images.keys.index("k5")] == {"short_caption": "s5"}
+    assert images.stats.counts["missing cache entry"] == 1
+
+
+def test_frozen_layers_stay_fixed_and_vision_lora_merges_into_a_plain_tower(tmp_path):
+    from llm2clip.stage2.runs import VisionConfig, merged_vision, prepare_vision
+
+    model = _model()
+    model.vision = prepare_vision(model.vision, VisionConfig(freeze_layers=1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _step_loss(model, ClipLoss(), _images().pixels[:8], Vectors().table[:8, 0], 1, contextlib.nullcontext)
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    after = model.state_dict()
+    frozen = [k for k in before if "layers.0." in k or "embeddings" in k or "pre_layrnorm" in k]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["vision.vision_model.encoder.layers.1.mlp.fc1.weight"],
+                           after["vision.vision_model.encoder.layers.1.mlp.fc1.weight"])
+
+    model = _model()
+    model.vision = prepare_vision(model.vision, VisionConfig(lora=True, lora_r=4))
+    trainable = {n for n, p in model.vision.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    for n, p in model.vision.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    pixels = _images().pixels[:2]
+    with torch.no_grad():
+        expected = model.vision(pixels).pooler_output
+        plain = merged_vision(model.vision)
+        assert type(plain) is CLIPVisionModel
+        torch.testing.assert_close(plain(pixels).pooler_output, expected, atol=1e-5, rtol=1e-5)

@@ -100,3 +100,32 @@ def count_en(n: int) -> str:
 
 def count_zh(n: int) -> str:
     return NUMBER_ZH[n] if n < len(NUMBER_ZH) else str(n)
+
+
+def _switch_table() -> list[tuple[str, str]]:
+    """English phrase -> Chinese, longest first so 'top left corner' wins over 'left'."""
+    pairs = [*COLOR_ZH.items(), *SHAPE_ZH.items(), *STYLE_ZH.items(),
+             *((f"{s}s" if not s.endswith("s") else f"{s}es", z) for s, z in SHAPE_ZH.items()),
+             *((size, z) for size, z in SIZE_ZH.items()),
+             *((POSITION_EN[c].split(" ", 1)[1], POSITION_ZH[c]) for c in POSITION_EN),  # drop 'in'/'at'/'on'
+             *((n, z) for n, z in zip(NUMBER_EN[1:], NUMBER_ZH[1:], strict=True))]
+    return sorted(pairs, key=lambda p: -len(p[0]))
+
+
+SWITCH_EN_ZH = _switch_table()
+
+
+def code_switch(text: str, rng, p: float = 0.5, to: str = "zh") -> str:
+    """Replace world words with their translation, each occurrence with probability p (CoSDA-ML-style
+    code-switching). A tiny LM pretrained on such text learns that 'red' and '红色' are interchangeable,
+    as a multilingual LLM learns from mixed-language web text."""
+    import re
+
+    table = SWITCH_EN_ZH if to == "zh" else [(z, e) for e, z in SWITCH_EN_ZH]
+    table = sorted(table, key=lambda pair: -len(pair[0]))
+    if to == "zh":
+        pattern = re.compile(r"\b(" + "|".join(re.escape(a) for a, _ in table) + r")\b")
+    else:
+        pattern = re.compile("(" + "|".join(re.escape(a) for a, _ in table) + ")")
+    lookup = dict(table)
+    return pattern.sub(lambda m: lookup[m.group(0)] if rng.random() < p else m.group(0), text)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError
 from .captions import describe
+from .lexicon import code_switch
 from .qa import llava_instruct_sample, llava_pretrain_sample, parallel_sentences, world_sentences
 from .render import render_scene
 from .tokenizer import train_tokenizer
@@ -42,6 +43,7 @@ FORMAT_VERSION = 1
 
 @dataclass
 class SynthConfig:
+    enabled: bool = False  # `llm2clip run` generates the shapes world into <run.out_dir>/data first
     num_images: int = 2000  # total over train/val/test
     seed: int = 0
     image_size: int = 64  # pixels per side; 224 works too
@@ -52,6 +54,7 @@ class SynthConfig:
     test_fraction: float = 0.1
     shard_size: int = 500  # samples per webdataset shard
     vocab_size: int = 2048  # BPE vocabulary of the trained tokenizer
+    code_switch: float = 0.5  # corpus: share of world words swapped into the other language (0 = off)
 
     def validate(self) -> None:
         checks = [
@@ -155,11 +158,18 @@ def _write_split(root: Path, split: str, rows: list[dict], cfg: SynthConfig) -> 
 
 
 def _corpus_lines(train_rows: list[dict], cfg: SynthConfig) -> list[str]:
+    """World sentences, every train caption, and code-switched copies (see lexicon.code_switch)."""
+    rng = random.Random(f"{cfg.seed}:corpus")
     lines = list(world_sentences())
     for r in train_rows:
         lines += [r["short_caption"], *(r[c] for c in _long_columns(cfg.num_long_captions)),
                   r["short_caption_zh"], r["long_caption_zh"],
                   f"English: {r['short_caption']} Chinese: {r['short_caption_zh']}"]
+        if cfg.code_switch > 0:
+            lines += [code_switch(r["short_caption"], rng, cfg.code_switch),
+                      code_switch(r["long_caption"], rng, cfg.code_switch),
+                      code_switch(r["short_caption_zh"], rng, cfg.code_switch, to="en"),
+                      code_switch(r["long_caption_zh"], rng, cfg.code_switch, to="en")]
     return lines
 
 
@@ -178,7 +188,8 @@ def synthesize(cfg: SynthConfig, out_dir: str | os.PathLike, *, overwrite: bool 
     cfg.validate()
     out = Path(out_dir)
     manifest_path = out / "manifest.json"
-    wanted = {"format_version": FORMAT_VERSION, "config": asdict(cfg)}
+    settings = {k: v for k, v in asdict(cfg).items() if k != "enabled"}  # what shapes the bytes
+    wanted = {"format_version": FORMAT_VERSION, "config": settings}
     if manifest_path.exists():
         existing = json.loads(manifest_path.read_text())
         if {k: existing.get(k) for k in wanted} == wanted and not overwrite:

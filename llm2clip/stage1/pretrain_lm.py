@@ -33,6 +33,7 @@ class PretrainLMConfig:
     lr: float = 3e-3
     warmup_steps: int = 40
     weight_decay: float = 0.01
+    attn_implementation: str = "sdpa"  # sdpa | eager (eager is faster on CPU at short lengths)
     corpus: str = "${run.out_dir}/data/corpus.txt"
     tokenizer: str = "${run.out_dir}/data/tokenizer"
     out: str = "${run.out_dir}/stage1/lm"
@@ -42,6 +43,8 @@ class PretrainLMConfig:
             raise ConfigError(f"stage1.pretrain.family: '{self.family}' is not one of {sorted(LLM_FAMILIES)}")
         if self.hidden_size % self.num_heads:
             raise ConfigError("stage1.pretrain.hidden_size must be divisible by stage1.pretrain.num_heads")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ConfigError("stage1.pretrain.attn_implementation must be sdpa or eager")
 
 
 def pack_corpus(lines: list[str], tokenizer, seq_len: int) -> torch.Tensor:
@@ -72,7 +75,7 @@ def pretrain_lm(cfg: PretrainLMConfig, seed: int = 0, progress: bool = True) -> 
                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=tokenizer.pad_token_id)
     device = resolve_device("auto")
-    model = AutoModelForCausalLM.from_config(hf_config).to(device)
+    model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation).to(device)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(blocks), generator=generator)

@@ -58,6 +58,31 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def keep_cached(self, cache, strict: bool) -> int:
+        """Drop caption fields the cache lacks (and samples left with none); strict: raise instead.
+        Returns how many samples were dropped; each is counted as 'missing cache entry'."""
+        from ..cache import MissingEmbedding
+
+        keep = []
+        for i, (key, fields) in enumerate(zip(self.keys, self.captions, strict=True)):
+            missing = [f for f in fields if not cache.has(key, f)]
+            if missing and strict:
+                raise MissingEmbedding(f"cache {cache.folder} has no '{missing[0]}' embedding for sample key '{key}'. "
+                                       "Fix: rebuild the cache over this data (llm2clip cache build), or set "
+                                       "data.strict=false to skip such samples")
+            for f in missing:
+                del fields[f]
+            if fields:
+                keep.append(i)
+            elif self.stats is not None:
+                self.stats.skip("missing cache entry", key)
+        dropped = len(self.keys) - len(keep)
+        if dropped:
+            self.keys = [self.keys[i] for i in keep]
+            self.captions = [self.captions[i] for i in keep]
+            self.pixels = self.pixels[torch.tensor(keep, dtype=torch.long)]
+        return dropped
+
 
 class CaptionSampler:
     """Which caption each sample of a step's batch trains with; a pure function of (seed, step)."""

@@ -56,6 +56,7 @@ class VisionConfig:
     num_layers: int = 4
     num_heads: int = 4
     patch_size: int = 8
+    attn_implementation: str = "sdpa"  # sdpa | eager (faster on CPU for short token sequences)
     freeze_layers: int = 0  # freeze the patch embedding and the first N transformer layers
     lora: bool = False  # train LoRA on q/k/v (peft) instead of the full encoder
     lora_r: int = 32
@@ -64,14 +65,18 @@ class VisionConfig:
     def validate(self) -> None:
         if self.freeze_layers < 0 or self.lora_r < 1 or self.hidden_size % self.num_heads:
             raise ConfigError("vision: freeze_layers >= 0, lora_r >= 1, hidden_size divisible by num_heads")
+        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+            raise ConfigError("vision.attn_implementation must be sdpa, eager or flash_attention_2")
 
 
 def tiny_vision_config(vision: VisionConfig, image_size: int):
     from transformers import CLIPVisionConfig
 
-    return CLIPVisionConfig(hidden_size=vision.hidden_size, intermediate_size=4 * vision.hidden_size,
-                            num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_heads,
-                            image_size=image_size, patch_size=vision.patch_size, projection_dim=vision.hidden_size)
+    config = CLIPVisionConfig(hidden_size=vision.hidden_size, intermediate_size=4 * vision.hidden_size,
+                              num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_heads,
+                              image_size=image_size, patch_size=vision.patch_size, projection_dim=vision.hidden_size)
+    config._attn_implementation = vision.attn_implementation
+    return config
 
 
 def prepare_vision(vision_model: torch.nn.Module, vision: VisionConfig) -> torch.nn.Module:
@@ -151,7 +156,7 @@ def run_clip_finetune(cfg, images: ImageSet, progress: bool = True) -> dict:
     """The paper's baseline: the same mixed captions, through CLIP's own 77-token text encoder."""
     from ..distributed import world
 
-    model = BaselineCLIP.from_pretrained(pretrained_clip_folder(cfg))
+    model = BaselineCLIP.from_pretrained(pretrained_clip_folder(cfg), cfg.vision.attn_implementation)
     model.clip.vision_model = prepare_vision(model.clip.vision_model, cfg.vision)
     summary = _train(cfg, model, Tokens(model), images, cfg.stage2.clip_finetune, "clip_finetune", "clip", progress)
     if world()[0] == 0:
@@ -164,7 +169,8 @@ def run_clip_finetune(cfg, images: ImageSet, progress: bool = True) -> dict:
 def build_llm2clip(cfg, llm_dim: int, embedder_ref: dict | None) -> LLM2CLIP:
     from transformers import CLIPVisionModel
 
-    vision = CLIPVisionModel.from_pretrained(pretrained_clip_folder(cfg))
+    vision = CLIPVisionModel.from_pretrained(pretrained_clip_folder(cfg),
+                                             attn_implementation=cfg.vision.attn_implementation)
     torch.manual_seed(cfg.run.seed)
     model_cfg = cfg.stage2.model
     if model_cfg.loss == "siglip" and math.isclose(model_cfg.init_logit_scale, math.log(1 / 0.07)):
@@ -185,11 +191,13 @@ def run_llm2clip(cfg, images: ImageSet, progress: bool = True) -> dict:
         text_side, llm_dim = LiveVectors(embedder), embedder.dim
     else:
         cache = EmbeddingCache.open(cfg.cache.out, expect=expected, verify=cfg.cache.verify)
+        images.keep_cached(cache, strict=cfg.data.strict)
         text_side, llm_dim = CachedVectors(cache), cache.dim
     ref = {"config": emb_cfg.saved_fields(), "fingerprint": expected}
     model = build_llm2clip(cfg, llm_dim, ref)
     model.vision = prepare_vision(model.vision, cfg.vision)
     summary = _train(cfg, model, text_side, images, cfg.stage2.llm2clip, "llm2clip", cfg.stage2.model.loss, progress)
+    summary["skipped_samples"] = dict(images.stats.counts) if images.stats else {}
     if world()[0] == 0:
         model.vision = merged_vision(model.vision)
         model.save_pretrained(model_folder(cfg.stage2.llm2clip), processor_for(cfg))

@@ -35,7 +35,8 @@ class TrainConfig:
     enabled: bool = True
     steps: int = 300
     batch_size: int = 128  # global, over all processes and accumulation steps
-    lr: float = 1e-3
+    lr: float = 1e-3  # the vision side (EVA-CLIP / LLM2CLIP's --visual-lr)
+    text_lr: float | None = None  # the text side (adapter or CLIP text tower); None = lr (--text-lr)
     warmup_steps: int = 20
     weight_decay: float = 0.05
     max_grad_norm: float = 5.0
@@ -59,16 +60,25 @@ class TrainConfig:
                               "or use torchrun")
 
 
+def _is_text_side(name: str) -> bool:
+    return name.startswith(("text_adapter.", "clip.text_model.", "clip.text_projection."))
+
+
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    """AdamW with open_clip's groups: no decay on norms, biases and the logit scale/bias; the text side
+    may have its own learning rate."""
     from transformers import get_cosine_schedule_with_warmup
 
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:  # no decay on norms, biases, logit scale/bias (open_clip's exclusion rule)
-            (decay if p.ndim >= 2 and "logit_" not in name else no_decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        if p.requires_grad:
+            decay = p.ndim >= 2 and "logit_" not in name
+            groups.setdefault((_is_text_side(name), decay), []).append(p)
+    text_lr = cfg.lr if cfg.text_lr is None else cfg.text_lr
+    param_groups = [{"params": params, "lr": text_lr if text else cfg.lr,
+                     "weight_decay": cfg.weight_decay if decay else 0.0}
+                    for (text, decay), params in sorted(groups.items())]
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     return optimizer, get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps)
 
 

@@ -1,0 +1,136 @@
+"""`llm2clip cache ...`, `llm2clip stage2 ...`, `llm2clip run` and `llm2clip export`.
+
+    cache build      embed every caption of cache.data with the stage-1 embedder  -> cache.out
+    stage2 pretrain-clip | finetune-clip | train | eval | all
+    run              the main job: data, stage 1, cache, stage 2, evaluation, export (reuses what exists)
+    export           vision tower (HF CLIP vision folder) and whole model from a trained LLM2CLIP
+    ablate online    LLM2CLIP trained on live LLM embeddings vs the cache, same steps and seed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+
+def _cfg(args):
+    from ..config import load_config, validate
+
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg)
+    return cfg
+
+
+def _print(result) -> None:
+    from ..distributed import world
+
+    if world()[0] == 0:
+        print(json.dumps(result, indent=1, default=str))
+
+
+def _cache_build(args) -> int:
+    from ..cache import build_cache
+    from .runs import embedder_config
+
+    cfg = _cfg(args)
+    _print(build_cache(cfg.cache, embedder_config(cfg), cfg.data, force=args.force, progress=not args.no_progress))
+    return 0
+
+
+def _stage2(args) -> int:
+    from . import runs
+    from .evaluate import run_eval
+
+    cfg = _cfg(args)
+    progress = not args.no_progress
+    if args.step == "eval":
+        result = run_eval(cfg, progress)
+        Path(cfg.run.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run.out_dir) / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+        return 0
+    images = runs.load_images(cfg, cfg.stage2.train_data, progress)
+    steps = {"pretrain-clip": runs.run_clip_pretrain, "finetune-clip": runs.run_clip_finetune,
+             "train": runs.run_llm2clip}
+    names = list(steps) if args.step == "all" else [args.step]
+    if args.step == "all" and not cfg.stage2.clip_pretrain.enabled:
+        names.remove("pretrain-clip")
+    _print({name: steps[name](cfg, images, progress) for name in names})
+    return 0
+
+
+def _run(args) -> int:
+    from ..pipeline import run_main
+
+    run_main(_cfg(args), force=args.force, progress=not args.no_progress)
+    return 0
+
+
+def _export(args) -> int:
+    from ..export import export_model, export_vision_tower
+    from .runs import model_folder
+
+    cfg = _cfg(args)
+    source = args.model or model_folder(cfg.stage2.llm2clip)
+    out = Path(args.out or cfg.run.out_dir)
+    print(f"vision tower: {export_vision_tower(source, out / 'vision_tower')}")
+    print(f"whole model:  {export_model(source, out / 'llm2clip')}")
+    return 0
+
+
+def _ablate_online(args) -> int:
+    """Offline (cached) vs online (live LLM) LLM2CLIP, same recipe; reports R@1 per caption set."""
+    from .evaluate import run_eval
+    from .runs import load_images, run_llm2clip
+
+    cfg = _cfg(args)
+    progress = not args.no_progress
+    images = load_images(cfg, cfg.stage2.train_data, progress)
+    out = {}
+    for mode in ("offline", "online"):
+        run_dir = str(Path(cfg.run.out_dir) / "ablation" / mode)
+        run_cfg = replace(cfg, stage2=replace(cfg.stage2, online=mode == "online",
+                                              llm2clip=replace(cfg.stage2.llm2clip, out=run_dir)))
+        train = run_llm2clip(run_cfg, images, progress)
+        result = run_eval(run_cfg, progress=False, models=("llm2clip",))
+        out[mode] = {"train": train, "retrieval": result["retrieval"]["llm2clip"]}
+    out["r1_gap_points"] = _gaps(out)
+    path = Path(cfg.run.out_dir) / "ablation" / "online_vs_offline.json"
+    path.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    _print({"gaps": out["r1_gap_points"], "written": str(path)})
+    return 0
+
+
+def _gaps(out: dict) -> dict:
+    off, on = out["offline"]["retrieval"], out["online"]["retrieval"]
+    return {f"{s}.{k}": round(abs(off[s][k] - on[s][k]), 2) for s in off if s in on for k in ("i2t_r1", "t2i_r1")}
+
+
+def add_parsers(groups, add_config_args) -> None:
+    def common(p, func, **defaults):
+        add_config_args(p)
+        p.add_argument("--no-progress", action="store_true")
+        p.set_defaults(func=func, **defaults)
+        return p
+
+    cache = groups.add_parser("cache", help="the embedding cache").add_subparsers(dest="cmd", required=True)
+    build = common(cache.add_parser("build", help="embed every caption once (resumable, rank-sharded)"),
+                   _cache_build)
+    build.add_argument("--force", action="store_true", help="rebuild even if a complete cache exists")
+
+    stage2 = groups.add_parser("stage2", help="CLIP training against the frozen LLM, and the CLIP baseline",
+                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = stage2.add_subparsers(dest="cmd", required=True)
+    for name in ("pretrain-clip", "finetune-clip", "train", "eval", "all"):
+        common(sub.add_parser(name), _stage2, step=name)
+
+    run = common(groups.add_parser("run", help="the main job, end to end (reuses finished steps)"), _run)
+    run.add_argument("--force", action="store_true", help="redo every step")
+
+    export = common(groups.add_parser("export", help="export a trained LLM2CLIP model"), _export)
+    export.add_argument("--model", help="LLM2CLIP model folder (default: stage2.llm2clip.out/model)")
+    export.add_argument("--out", help="parent folder of vision_tower/ and llm2clip/ (default: run.out_dir)")
+
+    ablate = groups.add_parser("ablate", help="ablations").add_subparsers(dest="cmd", required=True)
+    common(ablate.add_parser("online", help="offline (cached) vs online (live LLM) embeddings"), _ablate_online)
