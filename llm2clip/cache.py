@@ -43,9 +43,9 @@ class CacheConfig:
     out: str = "${run.out_dir}/cache"
     data: list[str] = field(default_factory=lambda: ["${run.out_dir}/data/train.jsonl",
                                                      "${run.out_dir}/data/test.jsonl"])
-    # caption fields to embed: the data's short/long caption keys or any other text column
-    fields: list[str] = field(default_factory=lambda: ["short_caption", "long_caption", "long_caption_2",
-                                                       "short_caption_zh", "long_caption_zh"])
+    # caption fields to embed: what stage 2 trains on (the data's short/long caption keys, or any text
+    # column); evaluation embeds fields the cache lacks (e.g. second-language captions) live
+    fields: list[str] = field(default_factory=lambda: ["short_caption", "long_caption", "long_caption_2"])
     dtype: str = "bfloat16"  # storage: bfloat16 | float16 | float32
     part_size: int = 2048  # samples per part file
     verify: bool = True  # check every part's sha256 when the cache is opened
@@ -293,7 +293,8 @@ class EmbeddingCache:
 
     def has(self, key: str, field_name: str) -> bool:
         row = self._rows.get(key)
-        return row is not None and bool(self._tensors[f"{field_name}.present"][row])
+        present = self._tensors.get(f"{field_name}.present")
+        return row is not None and present is not None and bool(present[row])
 
     def lookup(self, keys: Sequence[str], field_name: str) -> torch.Tensor:
         """[B, D] in the storage dtype. Raises MissingEmbedding naming the first key it lacks."""

@@ -26,7 +26,7 @@ from .pairs import PairSampler, read_caption_groups, read_text_pairs
 
 @dataclass
 class CCConfig:
-    data: str = "${run.out_dir}/data/train.jsonl"  # captions: any format the data readers take
+    data: str = "${data.path}"  # captions: any format the data readers take
     text_pairs: str | None = "${run.out_dir}/data/parallel.jsonl"  # {source, target} JSONL, or null
     translation_fraction: float = 0.3  # share of batches drawn from text_pairs
     long_long_pairs: bool = False  # also pair two long paraphrases of one image

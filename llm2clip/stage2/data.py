@@ -58,21 +58,22 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def keep_cached(self, cache, strict: bool) -> int:
-        """Drop caption fields the cache lacks (and samples left with none); strict: raise instead.
-        Returns how many samples were dropped; each is counted as 'missing cache entry'."""
+    def keep_cached(self, cache, strict: bool, fields: list[str]) -> int:
+        """Drop the `fields` captions the cache lacks (and samples left with no caption to train on);
+        strict: raise instead. Returns how many samples were dropped, each counted as 'missing cache
+        entry'."""
         from ..cache import MissingEmbedding
 
         keep = []
-        for i, (key, fields) in enumerate(zip(self.keys, self.captions, strict=True)):
-            missing = [f for f in fields if not cache.has(key, f)]
+        for i, (key, caps) in enumerate(zip(self.keys, self.captions, strict=True)):
+            missing = [f for f in caps if f in fields and not cache.has(key, f)]
             if missing and strict:
                 raise MissingEmbedding(f"cache {cache.folder} has no '{missing[0]}' embedding for sample key '{key}'. "
                                        "Fix: rebuild the cache over this data (llm2clip cache build), or set "
                                        "data.strict=false to skip such samples")
             for f in missing:
-                del fields[f]
-            if fields:
+                del caps[f]
+            if any(f in caps for f in fields):
                 keep.append(i)
             elif self.stats is not None:
                 self.stats.skip("missing cache entry", key)

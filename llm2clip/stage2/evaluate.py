@@ -30,17 +30,39 @@ def _baseline_encoders(model: BaselineCLIP, device):
             lambda keys, captions: model.encode_text([c.text for c in captions]))
 
 
+class CachedOrLive:
+    """Cached vectors where the cache has them, the live LLM for the rest (e.g. evaluation-only fields)."""
+
+    def __init__(self, cache, embedder_fn):
+        self.cached, self.embedder_fn, self._live = CachedVectors(cache), embedder_fn, None
+
+    def __call__(self, keys, captions) -> torch.Tensor:
+        cache = self.cached.cache
+        hit = [i for i, (k, c) in enumerate(zip(keys, captions, strict=True)) if cache.has(k, c.field)]
+        out = torch.empty(len(keys), cache.dim)
+        if hit:
+            out[hit] = self.cached([keys[i] for i in hit], [captions[i] for i in hit])
+        if len(hit) < len(keys):
+            self._live = self._live or LiveVectors(self.embedder_fn())
+            found = set(hit)
+            miss = [i for i in range(len(keys)) if i not in found]
+            out[miss] = self._live([keys[i] for i in miss], [captions[i] for i in miss])
+        return out
+
+
 def llm2clip_text_side(cfg, model: LLM2CLIP | None = None):
-    """Cached vectors when the cache holds the eval keys (it does by default), else the live LLM."""
+    """The cache where it holds a caption, else the live LLM (stage2.online: always the live LLM)."""
     from ..cache import EmbeddingCache, fingerprint
+    from ..embedder import CaptionEmbedder
     from .runs import embedder_config
+
+    def embedder():
+        return model.embedder() if model is not None else CaptionEmbedder.load(embedder_config(cfg))
 
     expected = fingerprint(embedder_config(cfg), cfg.cache.dtype)
     if not cfg.stage2.online and (Path(cfg.cache.out) / "index.json").is_file():
-        return CachedVectors(EmbeddingCache.open(cfg.cache.out, expect=expected, verify=cfg.cache.verify))
-    from ..embedder import CaptionEmbedder
-
-    return LiveVectors(model.embedder() if model is not None else CaptionEmbedder.load(embedder_config(cfg)))
+        return CachedOrLive(EmbeddingCache.open(cfg.cache.out, expect=expected, verify=cfg.cache.verify), embedder)
+    return LiveVectors(embedder())
 
 
 def _llm2clip_encoders(cfg, model: LLM2CLIP, device):

@@ -191,7 +191,8 @@ def run_llm2clip(cfg, images: ImageSet, progress: bool = True) -> dict:
         text_side, llm_dim = LiveVectors(embedder), embedder.dim
     else:
         cache = EmbeddingCache.open(cfg.cache.out, expect=expected, verify=cfg.cache.verify)
-        images.keep_cached(cache, strict=cfg.data.strict)
+        images.keep_cached(cache, strict=cfg.data.strict,
+                           fields=[cfg.data.short_caption_key, *cfg.data.long_caption_keys])
         text_side, llm_dim = CachedVectors(cache), cache.dim
     ref = {"config": emb_cfg.saved_fields(), "fingerprint": expected}
     model = build_llm2clip(cfg, llm_dim, ref)
