@@ -53,8 +53,9 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler, keep: int = 2) -> Path:
+def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None, scheduler, keep: int = 2) -> Path:
+    """optimizer=None saves no optimizer state (DeepSpeed ZeRO partitions it across ranks)."""
     from safetensors.torch import save
 
     folder = Path(folder)
@@ -63,7 +64,7 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model_state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer) if optimizer is not None else ({}, None)
     state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict() if scheduler else None}
     _write(tmp / "model.safetensors", save(model_state))
     _write(tmp / "optimizer.safetensors", save(opt_tensors))
@@ -107,18 +108,22 @@ def latest_checkpoint(folder: str | os.PathLike) -> tuple[Path | None, list[str]
     return None, rejected
 
 
-def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> int:
-    """Restore everything saved by `save_checkpoint`; returns the step to continue from."""
+def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, scheduler) -> int:
+    """Restore everything saved by `save_checkpoint`; returns the step to continue from. With no saved
+    optimizer state (or optimizer=None) the optimizer starts fresh and a warning says so."""
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     state = json.loads((ckpt / "state.json").read_text())
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    per_param: dict[int, dict] = {}
-    for key, value in [*tensors.items(), *state["optimizer"]["scalars"].items()]:
-        idx, name = key.split(".", 1)
-        per_param.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
+    if optimizer is not None and state["optimizer"] is not None:
+        tensors = load_file(str(ckpt / "optimizer.safetensors"))
+        per_param: dict[int, dict] = {}
+        for key, value in [*tensors.items(), *state["optimizer"]["scalars"].items()]:
+            idx, name = key.split(".", 1)
+            per_param.setdefault(int(idx), {})[name] = value
+        optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
+    else:
+        log.warning("%s: optimizer state not restored (not saved, or DeepSpeed); AdamW moments restart", ckpt)
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch_cpu"])

@@ -92,8 +92,23 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert latest_checkpoint(tmp_path)[0] is None
 
 
+def test_centred_adapter_ignores_an_offset_shared_by_all_vectors():
+    model = _model().eval()
+    vectors = Vectors().table.reshape(-1, LLM_DIM)  # [2N, D]
+    offset = 5 * torch.randn(LLM_DIM)
+    with torch.no_grad():
+        plain = model.encode_text(vectors)
+        model.text_adapter.set_center(vectors)
+        centred = model.encode_text(vectors)
+        model.text_adapter.set_center(vectors + offset)
+        shifted = model.encode_text(vectors + offset)
+    torch.testing.assert_close(shifted, centred, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain, centred, atol=1e-3)
+
+
 def test_exported_tower_loads_in_stock_transformers_with_identical_hidden_states(tmp_path):
     model = _model().eval()
+    model.text_adapter.set_center(Vectors().table[:, 1])  # the saved model must carry the centre
     processor = make_image_processor(32)
     export_vision_tower(model, tmp_path / "tower", processor)
     stock = CLIPVisionModel.from_pretrained(tmp_path / "tower").eval()
@@ -173,6 +188,7 @@ def test_main_job_end_to_end_micro_run(world, tmp_path):
     assert main([*argv, "--set", "synth.enabled=false"]) == 0  # everything is reused
     summary = json.loads((tmp_path / "run_summary.json").read_text())
     assert summary["stage1"] == {} and summary["cache"]["reused"] and "reused" in summary["llm2clip"]
+    assert set(summary["seconds"]) == {"stage1", "cache", "clip_pretrain", "clip_finetune", "llm2clip", "eval"}
 
 
 def test_missing_cache_entries_are_skipped_and_counted_or_named_in_strict_mode():
@@ -223,3 +239,26 @@ def test_frozen_layers_stay_fixed_and_vision_lora_merges_into_a_plain_tower(tmp_
         plain = merged_vision(model.vision)
         assert type(plain) is CLIPVisionModel
         torch.testing.assert_close(plain(pixels).pooler_output, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("zero", ["zero1", "zero2"])
+def test_deepspeed_zero_on_two_cpu_processes_trains_like_one_process(zero, tmp_path):
+    """torchrun + DeepSpeed ZeRO-1/2 (our configs, gloo) = one plain process at the same global batch."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import ROOT
+
+    port = {"zero1": 29561, "zero2": 29562}[zero]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "tests/stage2_ds_worker.py", str(tmp_path / "ds"), f"configs/deepspeed/{zero}.json"]
+    env = {**os.environ, "DS_BUILD_OPS": "0", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ds_state = load_file(str(tmp_path / "ds/checkpoints/step-0000003/model.safetensors"))
+    single = _train(tmp_path / "one", steps=3, resume=False, precision="fp32").state_dict()
+    assert ds_state["logit_scale"].shape == single["logit_scale"].shape == ()  # saved in the model's shape
+    for name, value in single.items():
+        torch.testing.assert_close(ds_state[name], value, atol=2e-5, rtol=1e-4, msg=name)

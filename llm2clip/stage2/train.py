@@ -78,7 +78,10 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig):
     param_groups = [{"params": params, "lr": text_lr if text else cfg.lr,
                      "weight_decay": cfg.weight_decay if decay else 0.0}
                     for (text, decay), params in sorted(groups.items())]
-    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    # fused: one kernel for all tensors (4x faster than the per-tensor default on CPU, where torch
+    # does not pick it by itself)
+    fused = all(p.device.type in ("cpu", "cuda") for g in param_groups for p in g["params"])
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused)
     return optimizer, get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps)
 
 
@@ -132,9 +135,9 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
     start, rejected = 0, []
     if resume:
         ckpt, rejected = latest_checkpoint(out / "checkpoints")
-        if ckpt is not None:
-            start = load_checkpoint(ckpt, model, optimizer, scheduler)
-    engine, no_sync = model, contextlib.nullcontext
+        if ckpt is not None:  # under DeepSpeed: weights and schedule (ZeRO partitions the optimizer)
+            start = load_checkpoint(ckpt, model, None if cfg.deepspeed else optimizer, scheduler)
+    engine, no_sync, scalars = model, contextlib.nullcontext, []
     if cfg.deepspeed:
         import deepspeed
 
@@ -142,6 +145,7 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
 
         ds = deepspeed_config(cfg.deepspeed, cfg.batch_size // world_size, world_size, cfg.max_grad_norm,
                               bf16=device.type == "cuda")
+        scalars = _scalars_as_vectors(model)
         engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                lr_scheduler=scheduler, config=ds)
     elif world_size > 1:
@@ -185,7 +189,11 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
             writer.add_scalar(f"{name}/images_per_s", rate, step)
         last = step + 1 == cfg.steps
         if rank == 0 and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last):
-            save_checkpoint(out / "checkpoints", step + 1, model, optimizer, scheduler, cfg.keep_checkpoints)
+            with _scalar_shapes(scalars):
+                save_checkpoint(out / "checkpoints", step + 1, model, None if cfg.deepspeed else optimizer,
+                                scheduler, cfg.keep_checkpoints)
+    for p in scalars:
+        p.data = p.data.reshape(())
     if writer:
         writer.close()
     summary = {"steps": cfg.steps, "resumed_from": start, "damaged_checkpoints": rejected,
@@ -197,6 +205,27 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
             for i, v in enumerate(curve, start):
                 f.write(json.dumps({"step": i, "loss": v}) + "\n")
     return summary
+
+
+def _scalars_as_vectors(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """DeepSpeed broadcasts parameters as byte views, which 0-dim tensors (logit_scale, CLIP's too)
+    cannot give: train them as [1] views of the same storage; `_scalar_shapes` restores them."""
+    scalars = [p for p in model.parameters() if p.dim() == 0]
+    for p in scalars:
+        p.data = p.data.reshape(1)
+    return scalars
+
+
+@contextlib.contextmanager
+def _scalar_shapes(scalars: list[torch.nn.Parameter]):
+    """Checkpoints keep the model's own 0-dim shapes."""
+    for p in scalars:
+        p.data = p.data.reshape(())
+    try:
+        yield
+    finally:
+        for p in scalars:
+            p.data = p.data.reshape(1)
 
 
 def _tensorboard(folder: Path):
