@@ -83,18 +83,28 @@ def _llm2clip_is_current(cfg) -> bool:
 
 
 def run_main(cfg, *, force: bool = False, progress: bool = True) -> dict:
+    from .report import print_results
     from .stage2 import runs
     from .stage2.evaluate import run_eval
 
     start = time.perf_counter()
     out = Path(cfg.run.out_dir)
-    summary = {}
+    summary, seconds = {}, {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        result = fn()
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        return result
+
     if cfg.synth.enabled:
         from .data.synth import synthesize
 
         _log("data: the shapes world")
-        summary["data"] = synthesize(cfg.synth, out / "data", overwrite=force, progress=progress)["splits"]
-    summary.update(stage1=_stage1(cfg, force, progress), cache=_cache(cfg, force, progress))
+        summary["data"] = timed("data", lambda: synthesize(cfg.synth, out / "data", overwrite=force,
+                                                           progress=progress)["splits"])
+    summary["stage1"] = timed("stage1", lambda: _stage1(cfg, force, progress))
+    summary["cache"] = timed("cache", lambda: _cache(cfg, force, progress))
     train_images = None
 
     def images():
@@ -104,23 +114,27 @@ def run_main(cfg, *, force: bool = False, progress: bool = True) -> dict:
         return train_images
 
     stage2 = cfg.stage2
-    summary["clip_pretrain"] = _train_step("pretrain CLIP on short captions", stage2.clip_pretrain, force,
-                                           lambda: runs.run_clip_pretrain(cfg, images(), progress))
+    summary["clip_pretrain"] = timed("clip_pretrain", lambda: _train_step(
+        "pretrain CLIP on short captions", stage2.clip_pretrain, force,
+        lambda: runs.run_clip_pretrain(cfg, images(), progress)))
     pretrained_now = summary["clip_pretrain"] is not None and "reused" not in summary["clip_pretrain"]
-    summary["clip_finetune"] = _train_step("fine-tune CLIP (77-token text encoder)", stage2.clip_finetune,
-                                           force or pretrained_now,
-                                           lambda: runs.run_clip_finetune(cfg, images(), progress))
-    summary["llm2clip"] = _train_step("LLM2CLIP (vision encoder + adapter on cached LLM embeddings)",
-                                      stage2.llm2clip, force or not _llm2clip_is_current(cfg),
-                                      lambda: runs.run_llm2clip(cfg, images(), progress))
+    summary["clip_finetune"] = timed("clip_finetune", lambda: _train_step(
+        "fine-tune CLIP (77-token text encoder)", stage2.clip_finetune, force or pretrained_now,
+        lambda: runs.run_clip_finetune(cfg, images(), progress)))
+    summary["llm2clip"] = timed("llm2clip", lambda: _train_step(
+        "LLM2CLIP (vision encoder + adapter on cached LLM embeddings)", stage2.llm2clip,
+        force or not _llm2clip_is_current(cfg), lambda: runs.run_llm2clip(cfg, images(), progress)))
     _log("evaluation and export")
-    results = run_eval(cfg, progress=progress)
+    results = timed("eval", lambda: run_eval(cfg, progress=progress))
     if (runs.model_folder(stage2.llm2clip) / "config.json").is_file():
         from .export import export_model, export_vision_tower
 
         export_vision_tower(runs.model_folder(stage2.llm2clip), out / "vision_tower")
         export_model(runs.model_folder(stage2.llm2clip), out / "llm2clip")
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
+    summary["seconds"] = seconds  # per step, for the 10-minute budget of the tiny preset
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "run_summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    print_results(results)
+    print(f"wall time {results['wall_seconds']:.0f} s; results in {out / 'results.json'}, plots in {out / 'plots'}")
     return results

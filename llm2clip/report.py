@@ -38,7 +38,10 @@ def results_table(results: dict):
 def print_results(results: dict) -> None:
     from rich.console import Console
 
-    Console().print(results_table(results))
+    console = Console()
+    if not console.is_terminal:  # a log file: rich would wrap the table at 80 columns
+        console = Console(width=120)
+    console.print(results_table(results))
 
 
 def plot_training_curves(runs: dict[str, Path], out: Path) -> Path:

@@ -144,6 +144,8 @@ def test_stage1_cli_end_to_end_raises_cra(world, tmp_path):
     assert cra["cc"]["en"] >= cra["raw"]["en"] + 5  # 96-caption pool: one caption = 1.04 points
     cc_cfg = json.loads((tmp_path / "stage1/cc/embedder_config.json").read_text())
     assert cc_cfg["adapters"][0].endswith("stage1/mntp") and cc_cfg["adapters"][1] == "."
+    # the tiny preset trains with eager attention; the saved embedder keeps the embedder's sdpa
+    assert cc_cfg["attn_implementation"] == "sdpa"
 
 
 def test_cc_under_torchrun_with_deepspeed_zero2_on_cpu(world, lm_dir, tmp_path):

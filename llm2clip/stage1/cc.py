@@ -42,6 +42,9 @@ class CCConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     qlora: bool = False  # 4-bit nf4 base with double quantisation (bitsandbytes)
     gradient_checkpointing: bool = True
+    # attention while training; null: embedder.attn_implementation. The saved embedder keeps the
+    # embedder's (on CPU, eager trains a tiny LM faster, sdpa encodes 1.9x faster)
+    attn_implementation: str | None = None
     deepspeed: str | None = None  # DeepSpeed JSON config; run under torchrun or the deepspeed launcher
     out: str = "${run.out_dir}/stage1/cc"
 
@@ -52,6 +55,8 @@ class CCConfig:
             raise ConfigError("stage1.cc.lr_schedule must be 'cosine' or 'constant'")
         if self.batch_size < 2 or self.steps < 1:
             raise ConfigError("stage1.cc.batch_size must be >= 2 (in-batch negatives) and steps >= 1")
+        if self.attn_implementation not in (None, "sdpa", "eager", "flash_attention_2"):
+            raise ConfigError("stage1.cc.attn_implementation must be null, sdpa, eager or flash_attention_2")
 
 
 def deepspeed_config(path: str, micro_batch: int, world_size: int, max_grad_norm: float, bf16: bool) -> dict:
@@ -84,7 +89,8 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
     device = resolve_device(emb_cfg.device)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", torch.cuda.current_device())
-    train_emb_cfg = replace(emb_cfg, load_in_4bit=cfg.qlora)
+    train_emb_cfg = replace(emb_cfg, load_in_4bit=cfg.qlora,
+                            attn_implementation=cfg.attn_implementation or emb_cfg.attn_implementation)
     if cfg.qlora and emb_cfg.adapters:
         raise ConfigError("QLoRA cannot merge earlier adapters into 4-bit weights; merge them first "
                           "(llm2clip stage1 merge) and point embedder.model at the merged folder")

@@ -40,6 +40,7 @@ def _cache_build(args) -> int:
 
 
 def _stage2(args) -> int:
+    from ..report import print_results
     from . import runs
     from .evaluate import run_eval
 
@@ -49,6 +50,7 @@ def _stage2(args) -> int:
         result = run_eval(cfg, progress)
         Path(cfg.run.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run.out_dir) / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+        print_results(result)
         return 0
     images = runs.load_images(cfg, cfg.stage2.train_data, progress)
     steps = {"pretrain-clip": runs.run_clip_pretrain, "finetune-clip": runs.run_clip_finetune,

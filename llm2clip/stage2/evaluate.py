@@ -75,7 +75,7 @@ def _llm2clip_encoders(cfg, model: LLM2CLIP, device):
 def run_eval(cfg, progress: bool = True, models: tuple[str, ...] = ("clip_pretrained", "clip_finetuned",
                                                                        "llm2clip")) -> dict:
     """Evaluate whichever of `models` exist; write plots; return the results.json dict (percent)."""
-    from ..report import plot_top5, plot_training_curves, print_results
+    from ..report import plot_top5, plot_training_curves
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images = load_images(cfg, cfg.stage2.eval_data, progress=False)
@@ -110,6 +110,4 @@ def run_eval(cfg, progress: bool = True, models: tuple[str, ...] = ("clip_pretra
         processor = processor_for(cfg)
         plot_top5(features["llm2clip"], images, plots / "top5_long_captions.png", processor.image_mean,
                   processor.image_std)
-    if progress:
-        print_results(results)
     return results

@@ -168,9 +168,20 @@ def run_clip_finetune(cfg, images: ImageSet, progress: bool = True) -> dict:
 
 def build_llm2clip(cfg, llm_dim: int, embedder_ref: dict | None) -> LLM2CLIP:
     from transformers import CLIPVisionModel
+    from transformers.utils import logging as hf_logging
 
-    vision = CLIPVisionModel.from_pretrained(pretrained_clip_folder(cfg),
-                                             attn_implementation=cfg.vision.attn_implementation)
+    # A full CLIP folder holds the text tower too: those keys are expected to go unused, so the
+    # load report is silenced and missing vision keys are checked here instead.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        vision, info = CLIPVisionModel.from_pretrained(pretrained_clip_folder(cfg), output_loading_info=True,
+                                                       attn_implementation=cfg.vision.attn_implementation)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        raise ConfigError(f"{pretrained_clip_folder(cfg)} lacks vision weights {sorted(info['missing_keys'])[:5]}: "
+                          "point vision.model (or stage2.clip_pretrain.out) at a CLIP or CLIP-vision folder")
     torch.manual_seed(cfg.run.seed)
     model_cfg = cfg.stage2.model
     if model_cfg.loss == "siglip" and math.isclose(model_cfg.init_logit_scale, math.log(1 / 0.07)):
@@ -196,6 +207,8 @@ def run_llm2clip(cfg, images: ImageSet, progress: bool = True) -> dict:
         text_side, llm_dim = CachedVectors(cache), cache.dim
     ref = {"config": emb_cfg.saved_fields(), "fingerprint": expected}
     model = build_llm2clip(cfg, llm_dim, ref)
+    if cfg.stage2.model.center_vectors:
+        model.text_adapter.set_center(_sample_vectors(images, text_side, cfg))
     model.vision = prepare_vision(model.vision, cfg.vision)
     summary = _train(cfg, model, text_side, images, cfg.stage2.llm2clip, "llm2clip", cfg.stage2.model.loss, progress)
     summary["skipped_samples"] = dict(images.stats.counts) if images.stats else {}
@@ -203,6 +216,19 @@ def run_llm2clip(cfg, images: ImageSet, progress: bool = True) -> dict:
         model.vision = merged_vision(model.vision)
         model.save_pretrained(model_folder(cfg.stage2.llm2clip), processor_for(cfg))
     return summary
+
+
+def _sample_vectors(images: ImageSet, text_side, cfg, n: int = 2048) -> torch.Tensor:
+    """LLM vectors of up to `n` training captions (short and long alike): [n, D]."""
+    from .data import Caption
+
+    fields = [cfg.data.short_caption_key, *cfg.data.long_caption_keys]
+    pairs = [(k, Caption(f, caps[f])) for k, caps in zip(images.keys, images.captions, strict=True)
+             for f in fields if f in caps]
+    step = max(1, len(pairs) // n)
+    pairs = pairs[::step][:n]
+    return torch.cat([text_side([k for k, _ in pairs[i:i + 256]], [c for _, c in pairs[i:i + 256]])
+                      for i in range(0, len(pairs), 256)])
 
 
 def embedder_config(cfg):
