@@ -7,7 +7,7 @@
    with torch.utils.flop_counter.FlopCounterMode on one forward+backward, against the median rate of
    a 2048^3 bf16 matmul measured here.
 2. Cached-mode step time with two LLMs 8x apart in size (same width, 4 vs 32 layers): the LLM is
-   not in the loop, so the ratio should be 1.
+   not in the loop, so the ratio should be 1. Timed round-robin across sizes.
 3. Cached vs online at equal batch: online embeds each batch's captions with the live LLM
    (`stage2.online`). Reported for several LLM sizes; the paper's setting (Llama-3-8B with
    ViT-L/14-336) has a caption-embedding to vision-step FLOP ratio of about 2.1, which a ~360M LLM
@@ -129,20 +129,30 @@ def main() -> None:
         keys = [r["key"] for r in rows[: args.batch]]
         best = min(result["vision_step"], key=lambda a: result["vision_step"][a]["seconds"])
         vision = vision_model(*vit, best)
-        result["llms"], cached_times = [], []
+        result["llms"], cached_steps = [], []
         for layers in llm_layers:
             folder = Path(tmp) / f"llm{layers}"
             n_params = save_llm(folder, data / "tokenizer", llm_width, layers)
             embedder = CaptionEmbedder.load(EmbedderConfig(model=str(folder), device="cpu", max_length=512))
             cache = embedder.encode([c.text for c in captions]).to(torch.bfloat16)  # what the cache stores
             model = LLM2CLIP(vision, llm_width, ModelConfig(embed_dim=512))
-            cached = timed_steps(train_step_fn(model, pixels, lambda k, c, v=cache: v.float(), keys, captions),
-                                 args.steps)
+            cached_steps.append(train_step_fn(model, pixels, lambda k, c, v=cache: v.float(), keys, captions))
             online = timed_steps(train_step_fn(model, pixels, LiveVectors(embedder), keys, captions), args.steps)
-            cached_times.append(cached)
             result["llms"].append({"layers": layers, "width": llm_width, "non_embedding_params": n_params,
-                                   "cached_step_s": round(cached, 3), "online_step_s": round(online, 3),
-                                   "online_over_cached": round(online / cached, 2)})
+                                   "online_step_s": round(online, 3)})
+        # Cached steps of all sizes are timed round-robin, so drift in the machine's speed over the run
+        # (a few % per minute here) lands on every size alike rather than on whichever ran first.
+        for step in cached_steps:
+            step()
+        times: list[list[float]] = [[] for _ in cached_steps]
+        for _ in range(args.steps):
+            for i, step in enumerate(cached_steps):
+                start = time.perf_counter()
+                step()
+                times[i].append(time.perf_counter() - start)
+        cached_times = [statistics.median(t) for t in times]
+        for row, cached in zip(result["llms"], cached_times, strict=True):
+            row.update(cached_step_s=round(cached, 3), online_over_cached=round(row["online_step_s"] / cached, 2))
     sizes = [r["non_embedding_params"] for r in result["llms"]]
     result["cached_flatness"] = {"llm_size_ratio": round(sizes[-1] / sizes[0], 1),
                                  "slowest_over_fastest_cached_step": round(max(cached_times) / min(cached_times), 3)}
