@@ -95,7 +95,7 @@ def _ablate_online(args) -> int:
         run_cfg = replace(cfg, stage2=replace(cfg.stage2, online=mode == "online",
                                               llm2clip=replace(cfg.stage2.llm2clip, out=run_dir)))
         train = run_llm2clip(run_cfg, images, progress)
-        result = run_eval(run_cfg, progress=False, models=("llm2clip",))
+        result = run_eval(run_cfg, progress=False, models=("llm2clip",), plots=False)
         out[mode] = {"train": train, "retrieval": result["retrieval"]["llm2clip"]}
     out["r1_gap_points"] = _gaps(out)
     path = Path(cfg.run.out_dir) / "ablation" / "online_vs_offline.json"

@@ -73,8 +73,9 @@ def _llm2clip_encoders(cfg, model: LLM2CLIP, device):
 
 
 def run_eval(cfg, progress: bool = True, models: tuple[str, ...] = ("clip_pretrained", "clip_finetuned",
-                                                                       "llm2clip")) -> dict:
-    """Evaluate whichever of `models` exist; write plots; return the results.json dict (percent)."""
+                                                                       "llm2clip"), plots: bool = True) -> dict:
+    """Evaluate whichever of `models` exist; write plots (unless `plots=False`, e.g. for ablations, whose
+    runs must not overwrite the main run's figures); return the results.json dict (percent)."""
     from ..report import plot_top5, plot_training_curves
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,12 +103,14 @@ def run_eval(cfg, progress: bool = True, models: tuple[str, ...] = ("clip_pretra
     cra = json.loads(cra_path.read_text()) if cra_path.is_file() else None
     results = {"cra": {k: cra[k] for k in ("raw", "cc")} if cra else None, "retrieval": retrieval,
                "eval_images": len(images), "eval_skipped": images.stats.skipped}
-    plots = Path(cfg.run.out_dir) / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
+    if not plots:
+        return results
+    folder = Path(cfg.run.out_dir) / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
     plot_training_curves({n: getattr(stage2, n).out for n in ("clip_pretrain", "clip_finetune", "llm2clip")},
-                         plots / "training_curves.png")
+                         folder / "training_curves.png")
     if "llm2clip" in features and "long" in features["llm2clip"]:
         processor = processor_for(cfg)
-        plot_top5(features["llm2clip"], images, plots / "top5_long_captions.png", processor.image_mean,
+        plot_top5(features["llm2clip"], images, folder / "top5_long_captions.png", processor.image_mean,
                   processor.image_std)
     return results
