@@ -189,6 +189,12 @@ def test_main_job_end_to_end_micro_run(world, tmp_path):
     summary = json.loads((tmp_path / "run_summary.json").read_text())
     assert summary["stage1"] == {} and summary["cache"]["reused"] and "reused" in summary["llm2clip"]
     assert set(summary["seconds"]) == {"stage1", "cache", "clip_pretrain", "clip_finetune", "llm2clip", "eval"}
+    # evaluation into another file leaves the main run's results.json alone and reproduces its figures
+    main_results = (tmp_path / "results.json").read_text()
+    eval_argv = ["stage2", "eval", *argv[1:], "--set", "synth.enabled=false", "--results", str(tmp_path / "again.json")]
+    assert main(eval_argv) == 0
+    assert (tmp_path / "results.json").read_text() == main_results
+    assert json.loads((tmp_path / "again.json").read_text())["retrieval"] == results["retrieval"]
 
 
 def test_missing_cache_entries_are_skipped_and_counted_or_named_in_strict_mode():

@@ -5,6 +5,8 @@ Chinese is written from templates; each table maps the world's symbols to natura
 
 from __future__ import annotations
 
+import functools
+
 from .world import ShapeObject
 
 NUMBER_EN = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -115,17 +117,20 @@ def _switch_table() -> list[tuple[str, str]]:
 SWITCH_EN_ZH = _switch_table()
 
 
+@functools.cache
+def _switcher(to: str):
+    """(compiled pattern, lookup) for one direction, built once: code_switch runs per corpus line."""
+    import re
+
+    table = SWITCH_EN_ZH if to == "zh" else sorted(((z, e) for e, z in SWITCH_EN_ZH), key=lambda p: -len(p[0]))
+    alternatives = "|".join(re.escape(a) for a, _ in table)
+    # English words need word boundaries; Chinese has none between words
+    return re.compile(rf"\b({alternatives})\b" if to == "zh" else f"({alternatives})"), dict(table)
+
+
 def code_switch(text: str, rng, p: float = 0.5, to: str = "zh") -> str:
     """Replace world words with their translation, each occurrence with probability p (CoSDA-ML-style
     code-switching). A tiny LM pretrained on such text learns that 'red' and '红色' are interchangeable,
     as a multilingual LLM learns from mixed-language web text."""
-    import re
-
-    table = SWITCH_EN_ZH if to == "zh" else [(z, e) for e, z in SWITCH_EN_ZH]
-    table = sorted(table, key=lambda pair: -len(pair[0]))
-    if to == "zh":
-        pattern = re.compile(r"\b(" + "|".join(re.escape(a) for a, _ in table) + r")\b")
-    else:
-        pattern = re.compile("(" + "|".join(re.escape(a) for a, _ in table) + ")")
-    lookup = dict(table)
+    pattern, lookup = _switcher(to)
     return pattern.sub(lambda m: lookup[m.group(0)] if rng.random() < p else m.group(0), text)

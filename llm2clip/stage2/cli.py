@@ -47,9 +47,11 @@ def _stage2(args) -> int:
     cfg = _cfg(args)
     progress = not args.no_progress
     if args.step == "eval":
-        result = run_eval(cfg, progress)
-        Path(cfg.run.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.run.out_dir) / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+        # --results elsewhere (e.g. a variant run): leave the main run's results.json and plots alone
+        path = Path(args.results) if args.results else Path(cfg.run.out_dir) / "results.json"
+        result = run_eval(cfg, progress, plots=not args.results)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
         print_results(result)
         return 0
     images = runs.load_images(cfg, cfg.stage2.train_data, progress)
@@ -125,7 +127,9 @@ def add_parsers(groups, add_config_args) -> None:
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = stage2.add_subparsers(dest="cmd", required=True)
     for name in ("pretrain-clip", "finetune-clip", "train", "eval", "all"):
-        common(sub.add_parser(name), _stage2, step=name)
+        step = common(sub.add_parser(name), _stage2, step=name, results=None)
+        if name == "eval":
+            step.add_argument("--results", help="write here instead of <run.out_dir>/results.json, no plots")
 
     run = common(groups.add_parser("run", help="the main job, end to end (reuses finished steps)"), _run)
     run.add_argument("--force", action="store_true", help="redo every step")

@@ -43,7 +43,8 @@ class CachedOrLive:
         if hit:
             out[hit] = self.cached([keys[i] for i in hit], [captions[i] for i in hit])
         if len(hit) < len(keys):
-            self._live = self._live or LiveVectors(self.embedder_fn())
+            if self._live is None:  # loaded on first need: most evaluations never need it
+                self._live = LiveVectors(self.embedder_fn())
             found = set(hit)
             miss = [i for i in range(len(keys)) if i not in found]
             out[miss] = self._live([keys[i] for i in miss], [captions[i] for i in miss])

@@ -192,8 +192,7 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
             with _scalar_shapes(scalars):
                 save_checkpoint(out / "checkpoints", step + 1, model, None if cfg.deepspeed else optimizer,
                                 scheduler, cfg.keep_checkpoints)
-    for p in scalars:
-        p.data = p.data.reshape(())
+    _reshape(scalars, ())
     if writer:
         writer.close()
     summary = {"steps": cfg.steps, "resumed_from": start, "damaged_checkpoints": rejected,
@@ -211,21 +210,23 @@ def _scalars_as_vectors(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """DeepSpeed broadcasts parameters as byte views, which 0-dim tensors (logit_scale, CLIP's too)
     cannot give: train them as [1] views of the same storage; `_scalar_shapes` restores them."""
     scalars = [p for p in model.parameters() if p.dim() == 0]
-    for p in scalars:
-        p.data = p.data.reshape(1)
+    _reshape(scalars, (1,))
     return scalars
+
+
+def _reshape(params: list[torch.nn.Parameter], shape: tuple[int, ...]) -> None:
+    for p in params:
+        p.data = p.data.reshape(shape)  # a view: DeepSpeed's flat buffers keep pointing at it
 
 
 @contextlib.contextmanager
 def _scalar_shapes(scalars: list[torch.nn.Parameter]):
     """Checkpoints keep the model's own 0-dim shapes."""
-    for p in scalars:
-        p.data = p.data.reshape(())
+    _reshape(scalars, ())
     try:
         yield
     finally:
-        for p in scalars:
-            p.data = p.data.reshape(1)
+        _reshape(scalars, (1,))
 
 
 def _tensorboard(folder: Path):
