@@ -9,25 +9,52 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from .errors import ConfigError
 from .model import LLM2CLIP
 from .stage1.common import atomic_dir
 
 
+def load_clip_vision(name: str | Path, **kwargs):
+    """`CLIPVisionModel.from_pretrained` on a CLIP-vision or full CLIPModel folder (or hub name).
+
+    A full CLIP folder holds the text tower too: those keys are expected to go unused, so the load report
+    is silenced and missing vision keys are checked here instead."""
+    from transformers import CLIPVisionModel
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        vision, info = CLIPVisionModel.from_pretrained(str(name), output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        raise ConfigError(f"{name} lacks vision weights {sorted(info['missing_keys'])[:5]}: point it at a CLIP "
+                          "or CLIP-vision folder")
+    return vision
+
+
 def export_vision_tower(model: LLM2CLIP | str | Path, out: str | Path, image_processor=None) -> Path:
-    """Write the vision encoder of `model` (an LLM2CLIP or its folder) as a plain CLIPVisionModel folder."""
+    """Write the vision encoder of `model` (an LLM2CLIP, its folder, or an HF CLIPModel folder such as the
+    baseline's) as a plain CLIPVisionModel folder."""
     from .data.images import make_image_processor
 
     if not isinstance(model, LLM2CLIP):
         folder = Path(model)
-        model = LLM2CLIP.from_pretrained(folder)
-        image_processor = image_processor or make_image_processor(pretrained=folder)
+        if json.loads((folder / "config.json").read_text()).get("model_type") == "clip":
+            vision = load_clip_vision(folder)  # a plain CLIPModel folder: the baseline
+        else:
+            vision = LLM2CLIP.from_pretrained(folder).vision
+        image_processor = image_processor or make_image_processor(vision.config.image_size, pretrained=folder)
+    else:
+        vision = model.vision
     if image_processor is None:
-        size = model.vision.config.image_size
-        image_processor = make_image_processor(size)
+        image_processor = make_image_processor(vision.config.image_size)
     with atomic_dir(out) as tmp:
-        model.vision.save_pretrained(str(tmp))
+        vision.save_pretrained(str(tmp))
         image_processor.save_pretrained(str(tmp))
     return Path(out)
 

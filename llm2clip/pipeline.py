@@ -7,6 +7,7 @@ the LLM2CLIP model were built from, a config the dataset was made with), unless 
     <run.out_dir>/plots/           training_curves.png, top5_long_captions.png
     <run.out_dir>/vision_tower/    standard HF CLIP vision folder (LLaVA-ready)
     <run.out_dir>/llm2clip/        the whole model
+    <run.out_dir>/clip_vision_tower/  the fine-tuned CLIP baseline's vision encoder, same format
 """
 
 from __future__ import annotations
@@ -131,6 +132,10 @@ def run_main(cfg, *, force: bool = False, progress: bool = True) -> dict:
 
         export_vision_tower(runs.model_folder(stage2.llm2clip), out / "vision_tower")
         export_model(runs.model_folder(stage2.llm2clip), out / "llm2clip")
+    if (runs.model_folder(stage2.clip_finetune) / "config.json").is_file():
+        from .export import export_vision_tower
+
+        export_vision_tower(runs.model_folder(stage2.clip_finetune), out / "clip_vision_tower")
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
     summary["seconds"] = seconds  # per step, for the 10-minute budget of the tiny preset
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -167,21 +167,9 @@ def run_clip_finetune(cfg, images: ImageSet, progress: bool = True) -> dict:
 
 
 def build_llm2clip(cfg, llm_dim: int, embedder_ref: dict | None) -> LLM2CLIP:
-    from transformers import CLIPVisionModel
-    from transformers.utils import logging as hf_logging
+    from ..export import load_clip_vision
 
-    # A full CLIP folder holds the text tower too: those keys are expected to go unused, so the
-    # load report is silenced and missing vision keys are checked here instead.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        vision, info = CLIPVisionModel.from_pretrained(pretrained_clip_folder(cfg), output_loading_info=True,
-                                                       attn_implementation=cfg.vision.attn_implementation)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if info["missing_keys"]:
-        raise ConfigError(f"{pretrained_clip_folder(cfg)} lacks vision weights {sorted(info['missing_keys'])[:5]}: "
-                          "point vision.model (or stage2.clip_pretrain.out) at a CLIP or CLIP-vision folder")
+    vision = load_clip_vision(pretrained_clip_folder(cfg), attn_implementation=cfg.vision.attn_implementation)
     torch.manual_seed(cfg.run.seed)
     model_cfg = cfg.stage2.model
     if model_cfg.loss == "siglip" and math.isclose(model_cfg.init_logit_scale, math.log(1 / 0.07)):

@@ -1,0 +1,165 @@
+"""LLaVA's data format: a JSON list of {"id", "image"?, "conversations"} with images under --image_folder.
+
+Every sample is validated and tokenized once, before training starts, so bad data is reported up front:
+a missing image, a conversation without "<image>" for an image sample, a wrong role order or an
+over-long conversation is skipped and counted (or raises DataError under --strict), and tokenization
+mismatches are counted with an error past --max_mismatch_fraction. Text-only samples (no "image" key)
+get a zero image, as in LLaVA, and a negative modality length.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from llm2clip.data.images import ImageSkip, load_image
+from llm2clip.data.readers import SkipCounter
+from llm2clip.errors import DataError
+
+from .constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from .conversation import MismatchCounter, get_template, tokenize_conversation, validate_conversation
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = None  # LLaVA JSON list (the tiny preset fills it in)
+    image_folder: str | None = None  # image paths in the JSON are relative to it
+    lazy_preprocess: bool = True  # accepted for LLaVA compatibility; we always tokenize up front
+    image_aspect_ratio: str = "square"  # 'square' (processor's crop) or 'pad' (LLaVA's expand2square)
+    strict: bool = False  # raise on the first bad sample instead of skipping and counting it
+    max_mismatch_fraction: float = 0.05  # error when more samples than this fail target alignment
+    max_samples: int | None = None  # use the first N samples (quick runs)
+
+
+def expand2square(image, background: tuple[int, ...]):
+    """LLaVA's 'pad' aspect ratio: paste the image centred on a square filled with the mean colour."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+class LlavaDataset(Dataset):
+    def __init__(self, args: DataArguments, tokenizer, image_processor, version: str, model_max_length: int,
+                 num_image_tokens: int, progress: bool = True):
+        if not args.data_path or not Path(args.data_path).is_file():
+            raise DataError(f"--data_path: {args.data_path} does not exist; point it at a LLaVA JSON list")
+        self.args, self.image_processor = args, image_processor
+        self.template = get_template(version)
+        self.folder = Path(args.image_folder or Path(args.data_path).parent)
+        raw = json.loads(Path(args.data_path).read_text(encoding="utf-8"))
+        if not isinstance(raw, list):
+            raise DataError(f"{args.data_path} must hold a JSON list of samples, got {type(raw).__name__}")
+        raw = raw[: args.max_samples] if args.max_samples else raw
+        self.skips = SkipCounter()
+        self.mismatch = MismatchCounter(args.max_mismatch_fraction)
+        self.truncated = 0
+        self.samples: list[dict] = []
+        for index, sample in enumerate(tqdm(raw, desc="tokenize", unit="sample", disable=not progress)):
+            self.skips.read += 1
+            try:
+                item = self._prepare(sample, index, tokenizer, model_max_length, num_image_tokens)
+            except DataError as e:
+                if args.strict:
+                    raise
+                self.skips.skip(e.args[0].split(":")[0] if ":" in e.args[0] else "bad sample", str(index))
+                continue
+            if item is not None:
+                self.samples.append(item)
+        if not self.samples:
+            raise DataError(f"no usable samples in {args.data_path}:\n{self.skips.summary()}")
+
+    def _prepare(self, sample: dict, index: int, tokenizer, max_length: int, image_tokens: int) -> dict | None:
+        if not isinstance(sample, dict):
+            raise DataError(f"bad sample: entry {index} is a {type(sample).__name__}, not an object")
+        sid = str(sample.get("id", index))
+        image = sample.get("image")
+        try:
+            validate_conversation(sample, image is not None, self.template)
+        except DataError as e:
+            raise DataError(f"bad conversation: {e}") from None
+        if image is not None and not (self.folder / image).is_file():
+            raise DataError(f"missing image: sample {sid}: {self.folder / image} does not exist; fix "
+                            "--image_folder or drop the sample")
+        ids, labels, mismatch = tokenize_conversation(sample["conversations"], tokenizer, self.template)
+        self.mismatch.update(sid, mismatch)
+        length = len(ids) + (image_tokens - 1 if image is not None else 0)  # after splicing the image in
+        if length > max_length:
+            kept = max_length - (image_tokens - 1 if image is not None else 0)
+            if all(x == IGNORE_INDEX for x in labels[:kept]) and not mismatch:
+                raise DataError(f"over-long conversation: sample {sid} needs {length} tokens but "
+                                f"model_max_length={max_length} cuts every answer; raise --model_max_length "
+                                "or split the conversation")
+            self.truncated += 1
+        return {"id": sid, "image": image, "input_ids": ids, "labels": labels, "length": length}
+
+    def report(self) -> str:
+        lines = [self.skips.summary(), self.mismatch.report()]
+        if self.truncated:
+            lines.append(f"{self.truncated} samples truncated to model_max_length")
+        return "\n".join(lines)
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """LLaVA's convention: positive for image samples, negative for text-only ones."""
+        return [s["length"] if s["image"] is not None else -s["length"] for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _pixels(self, image: str | None) -> torch.Tensor | None:
+        crop = self.image_processor.crop_size
+        if image is None:
+            return torch.zeros(3, crop["height"], crop["width"])
+        try:
+            pil = load_image(self.folder / image, max_pixels=1 << 26)
+        except ImageSkip as e:
+            if self.args.strict:
+                raise DataError(f"{e.reason}: {self.folder / image}: {e.detail}") from None
+            self.skips.skip(e.reason, image)
+            return None
+        if self.args.image_aspect_ratio == "pad":
+            pil = expand2square(pil, tuple(int(255 * m) for m in self.image_processor.image_mean))
+        return self.image_processor(pil, return_tensors="pt")["pixel_values"][0]  # [3, H, W]
+
+    def __getitem__(self, i: int) -> dict | None:
+        s = self.samples[i]
+        pixels = self._pixels(s["image"])
+        if pixels is None:
+            return None  # an image that broke after validation: the collator drops it and it is counted
+        return {"input_ids": torch.tensor(s["input_ids"]), "labels": torch.tensor(s["labels"]), "image": pixels,
+                "has_image": s["image"] is not None}
+
+
+@dataclass
+class DataCollator:
+    """Right-pads a batch; IMAGE_TOKEN_INDEX stays in input_ids for the model to splice."""
+
+    pad_token_id: int
+
+    def __call__(self, batch: list[dict | None]) -> dict:
+        batch = [b for b in batch if b is not None]
+        if not batch:
+            raise DataError("a whole batch of images failed to load; see the skip summary")
+        ids = torch.nn.utils.rnn.pad_sequence([b["input_ids"] for b in batch], batch_first=True,
+                                              padding_value=self.pad_token_id)
+        labels = torch.nn.utils.rnn.pad_sequence([b["labels"] for b in batch], batch_first=True,
+                                                 padding_value=IGNORE_INDEX)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(b["input_ids"]), dtype=torch.long) for b in batch],
+                                               batch_first=True, padding_value=0)
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+                "images": torch.stack([b["image"] for b in batch])}
+
+
+def count_image_tokens(input_ids: torch.Tensor) -> int:
+    return int((input_ids == IMAGE_TOKEN_INDEX).sum())

@@ -1,0 +1,71 @@
+"""The LLaVA command line: preset layering, results file, errors, documented flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from llava_integration import preset
+from llava_integration.arguments import ModelArguments, TrainingArguments, parse
+from llava_integration.cli import main
+from llava_integration.data import DataArguments
+from llm2clip.errors import ConfigError
+from tests.conftest import ROOT
+
+
+def test_every_flag_is_documented():
+    doc = (ROOT / "docs/LLAVA.md").read_text()
+    own = {f.name for f in dataclasses.fields(TrainingArguments)} - {
+        f.name for f in dataclasses.fields(TrainingArguments.__mro__[1])}
+    names = [f.name for f in dataclasses.fields(ModelArguments)] + [f.name for f in dataclasses.fields(DataArguments)]
+    missing = [n for n in names + sorted(own) + ["output_dir", "optim", "report_to"] if f"`--{n}`" not in doc]
+    assert not missing, f"document these flags in docs/LLAVA.md: {missing}"
+
+
+def test_preset_layers_recipe_tiny_and_user_flags(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM2CLIP_RUN_DIR", str(tmp_path))
+    argv = preset.training_argv("pretrain", ["--vision-tower", "clip", "--learning_rate", "5e-3"])
+    model_args, data_args, training_args = parse(argv)
+    assert model_args.vision_tower == "clip" and model_args.version == "plain" and model_args.tune_mm_mlp_adapter
+    assert training_args.learning_rate == 5e-3  # the user's flag wins over the recipe's 1e-3
+    assert data_args.data_path == str(tmp_path / "data/llava/train_pretrain.json")
+    assert training_args.output_dir == str(tmp_path / "llava/clip/pretrain")
+    with pytest.raises(ConfigError, match=r"llava_pretrain\.sh --vision-tower llm2clip"):
+        preset.training_argv("finetune", [])  # no pretrained projector yet
+    (tmp_path / "llava/llm2clip/pretrain").mkdir(parents=True)
+    (tmp_path / "llava/llm2clip/pretrain/mm_projector.bin").write_bytes(b"")
+    model_args, _, training_args = parse(preset.training_argv("finetune", []))
+    assert model_args.pretrain_mm_mlp_adapter.endswith("llava/llm2clip/pretrain/mm_projector.bin")
+    assert model_args.version == "v1" and training_args.max_steps > 0
+    # with a model and data of your own, the tiny preset stays out of the way
+    own = preset.training_argv("finetune", ["--model_name_or_path", "/m", "--data_path", "/d.json"])
+    assert str(tmp_path) not in " ".join(own) and "--learning_rate" in own
+
+
+def test_results_file_merges_towers(tmp_path):
+    scores = {"overall": 50.0, "color": 40.0, "count": 60.0, "position": 10.0, "existence": 90.0, "n": {}}
+    preset.record_vqa(tmp_path / "results.json", "llm2clip", scores)
+    preset.record_vqa(tmp_path / "results.json", "clip", {**scores, "overall": 45.0})
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data == {"vqa": {"llm2clip": {k: scores[k] for k in ("overall", "color", "count", "position",
+                                                                 "existence")},
+                            "clip": {**{k: scores[k] for k in ("color", "count", "position", "existence")},
+                                     "overall": 45.0}}}
+
+
+def test_cli_reports_errors_without_traceback(capsys):
+    assert main(["finetune", "--model_name_or_path", "/m", "--data_path", "/d", "--no_such_flag", "1"]) == 1
+    assert "unknown arguments ['--no_such_flag', '1']" in capsys.readouterr().err
+    assert main(["bogus"]) == 2
+
+
+def test_llava_integration_uses_only_public_llm2clip_names():
+    import ast
+
+    for path in (ROOT / "llava_integration").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llm2clip"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private and "._" not in node.module, f"{path.name} imports {node.module}: {private}"
