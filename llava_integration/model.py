@@ -58,9 +58,16 @@ class LlavaForCausalLM(nn.Module):
         projector_dtype = next(self.mm_projector.parameters(), features).dtype
         return self.mm_projector(features.to(projector_dtype))  # [B, N, D]
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.language_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Checkpoint the LLM's layers (HF Trainer's --gradient_checkpointing). Non-reentrant by default: the
+        LLM's inputs are spliced embeddings, which need not require grad when the LLM is frozen."""
+        self.language_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=activation_checkpointing_kwargs or {"use_reentrant": False},
+            every_n_layers=every_n_layers, offload=offload)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     # -- LLaVA's splice ------------------------------------------------------------------------------
     def prepare_inputs_labels_for_multimodal(self, input_ids, position_ids, attention_mask, past_key_values,

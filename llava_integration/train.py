@@ -79,17 +79,20 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments) ->
     model = assemble(lm, mm, dtype, model_args.pretrain_mm_mlp_adapter)
     model.config.mm_hidden_size = model.get_vision_tower().hidden_size
     model.config.llm2clip_run_dir = model_args.llm2clip_run_dir
-    # Trainable weights: fp32 masters under autocast; DeepSpeed wants them all in `dtype` (it keeps the masters).
-    master = dtype if training_args.deepspeed else torch.float32
-    model.mm_projector.to(master)
     if model_args.tune_mm_mlp_adapter:
         model.requires_grad_(False)
         model.mm_projector.requires_grad_(True)
     model.mm_projector.requires_grad_(not training_args.freeze_mm_mlp_adapter)
     if model_args.unfreeze_mm_vision_tower:
-        model.get_vision_tower().vision_tower.to(master).requires_grad_(True)
+        model.get_vision_tower().vision_tower.requires_grad_(True)
     if bits in (4, 8):
         _kbit_casts(model, dtype)
+    # Every trainable weight (projector, LoRA, LLM, tower) is an fp32 master under autocast; DeepSpeed wants
+    # them all in `dtype` and keeps its own fp32 masters.
+    master = dtype if training_args.deepspeed else torch.float32
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(master)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, model_max_length=training_args.
                                               model_max_length, padding_side="right",
                                               trust_remote_code=model_args.trust_remote_code)
@@ -99,13 +102,10 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments) ->
 
 
 def _kbit_casts(model: LlavaForCausalLM, dtype: torch.dtype) -> None:
-    """LLaVA's casts after k-bit setup: LoRA layers to the compute dtype, every '*norm*' module to fp32
-    (the tower's LayerNorms included: the tower copes, see tower.py), embeddings and lm_head to dtype."""
-    from peft.tuners.lora import LoraLayer
-
+    """LLaVA's casts after k-bit setup: every '*norm*' module to fp32 (the tower's LayerNorms included:
+    the tower copes, see tower.py), frozen embeddings and lm_head to the compute dtype. (LLaVA also casts
+    LoRA layers to bf16; here trainable weights follow one rule, see build_model.)"""
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            module.to(dtype)
         if "norm" in name:
             module.to(torch.float32)
         if ("lm_head" in name or "embed_tokens" in name) and hasattr(module, "weight") \
@@ -184,8 +184,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     import time
 
     validate(model_args, data_args, training_args)
-    if training_args.gradient_checkpointing:
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     model, tokenizer = build_model(model_args, training_args)
     tower = model.get_vision_tower()
     dataset = LlavaDataset(data_args, tokenizer, tower.image_processor, model_args.version,
@@ -200,8 +198,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     trainer.save_model()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     steps = trainer.state.global_step
+    mean_length = sum(min(abs(n), training_args.model_max_length) for n in dataset.modality_lengths) / len(dataset)
     tokens = steps * training_args.train_batch_size * training_args.gradient_accumulation_steps * \
-        training_args.world_size * sum(abs(n) for n in dataset.modality_lengths) / len(dataset)
+        training_args.world_size * mean_length  # after truncation, padding excluded
     summary = {"steps": steps, "seconds": round(seconds, 1), "train_loss": result.training_loss,
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "tokens_per_second": round(tokens / seconds, 1), "skipped": dict(dataset.skips.counts),

@@ -30,7 +30,7 @@ def _argv(parts, out, kind="finetune", *extra):
 @pytest.fixture(scope="module")
 def pretrained(llava_parts, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
-    summary = train(*parse(_argv(llava_parts, out, "pretrain", "--max_steps", "20")), progress=False)
+    summary = train(*parse(_argv(llava_parts, out, "pretrain", "--max_steps", "60")), progress=False)
     return out, summary
 
 
@@ -72,8 +72,8 @@ def test_full_finetuning_loss_drops_and_reloads(finetuned):
 
 def test_lora_wraps_only_the_llm_and_reloads_identically(pretrained, llava_parts, tmp_path):
     argv = _argv(llava_parts, tmp_path, "finetune", "--max_steps", "3", "--lora_enable", "True", "--lora_r", "8",
-                 "--lora_alpha", "16", "--mm_projector_lr", "1e-4", "--pretrain_mm_mlp_adapter",
-                 str(pretrained[0] / "mm_projector.bin"))
+                 "--lora_alpha", "16", "--mm_projector_lr", "1e-4", "--gradient_checkpointing", "True",
+                 "--pretrain_mm_mlp_adapter", str(pretrained[0] / "mm_projector.bin"))
     model_args, data_args, training_args = parse(argv)
     model, tokenizer = build_model(model_args, training_args)
     names = [n for n, _ in model.named_parameters()]
