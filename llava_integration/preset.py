@@ -32,11 +32,11 @@ RECIPES = {  # LLaVA-1.5's scripts: projector-only pretraining, then instruction
                  "--gradient_checkpointing", "True", "--save_strategy", "no"],
 }
 TINY = {  # sized so each script finishes within 10 minutes on 2 CPU cores (docs/LLAVA.md)
-    "pretrain": ["--per_device_train_batch_size", "32", "--model_max_length", "512",
+    "pretrain": ["--per_device_train_batch_size", "32", "--model_max_length", "512", "--num_train_epochs", "3",
                  "--gradient_checkpointing", "False", "--logging_steps", "10"],
     # 256 tokens keep the short question turns and cut most of the ~250-token descriptions: 3x fewer
-    # tokens per step than the full conversations, which is what makes 600 steps fit.
-    "finetune": ["--per_device_train_batch_size", "16", "--learning_rate", "5e-4", "--max_steps", "600",
+    # tokens per step than the full conversations, which is what makes 500 steps per tower fit.
+    "finetune": ["--per_device_train_batch_size", "16", "--learning_rate", "1e-3", "--max_steps", "500",
                  "--model_max_length", "256", "--gradient_checkpointing", "False", "--logging_steps", "50"],
 }
 
