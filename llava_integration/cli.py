@@ -40,6 +40,8 @@ def _eval(argv: list[str]) -> dict:
     p.add_argument("--image_folder", "--image-folder", default=None)
     p.add_argument("--load_4bit", "--load-4bit", action="store_true")
     p.add_argument("--max_images", "--max-images", type=int, default=None)
+    p.add_argument("--mismatched_images", "--mismatched-images", action="store_true",
+                   help="ask every question about another image: how much do answers depend on the image?")
     p.add_argument("--tower_key", "--tower-key", default=None, help="also record under this key in --results")
     p.add_argument("--results", default=None, help="JSON file that collects {'vqa': {tower_key: scores}}")
     a = p.parse_args(argv)
@@ -50,8 +52,9 @@ def _eval(argv: list[str]) -> dict:
     tokenizer, model, processor, _ = load_pretrained_model(a.model_path, a.model_base, load_4bit=a.load_4bit)
     result = evaluate_vqa(model, tokenizer, processor, a.data_path or run / "data/llava/test_instruct.json",
                           a.image_folder or run / "data", version=getattr(model.config, "version", "v1"),
-                          max_images=a.max_images)
-    Path(a.model_path, "vqa_predictions.json").write_text(json.dumps(result["predictions"], indent=1) + "\n")
+                          max_images=a.max_images, mismatched_images=a.mismatched_images)
+    name = "vqa_predictions_mismatched.json" if a.mismatched_images else "vqa_predictions.json"
+    Path(a.model_path, name).write_text(json.dumps(result["predictions"], indent=1) + "\n")
     if a.results and a.tower_key:
         preset.record_vqa(Path(a.results), a.tower_key, result["scores"])
     print(json.dumps(result["scores"]))

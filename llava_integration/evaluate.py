@@ -51,11 +51,16 @@ def vqa_items(data_path: str | Path, max_images: int | None = None) -> list[dict
 @torch.inference_mode()
 def evaluate_vqa(model, tokenizer, image_processor, data_path: str | Path, image_folder: str | Path,
                  version: str = "v1", batch_size: int = 64, max_new_tokens: int = 12,
-                 max_images: int | None = None, progress: bool = True) -> dict:
+                 max_images: int | None = None, progress: bool = True, mismatched_images: bool = False) -> dict:
     """Returns {"overall", "color", "count", "position", "existence"} in percent, plus "n" per type and
-    the predictions for inspection."""
+    the predictions for inspection. `mismatched_images`: every question sees another test image (the
+    next one in order), which measures how much the answers depend on the image at all."""
     template = get_template(version)
     items = vqa_items(data_path, max_images)
+    if mismatched_images:
+        images = sorted({it["image"] for it in items})
+        following = dict(zip(images, images[1:] + images[:1], strict=True))
+        items = [{**it, "image": following[it["image"]]} for it in items]
     model.eval()
     dtype = next(model.mm_projector.parameters()).dtype
     eos = tokenizer.eos_token_id

@@ -38,6 +38,7 @@ def find_all_linear_names(model: nn.Module) -> list[str]:
 def build_model(model_args: ModelArguments, training_args: TrainingArguments) -> tuple[LlavaForCausalLM, object]:
     from transformers import AutoTokenizer
 
+    transformers.set_seed(training_args.seed)  # the projector's (and LoRA's) initialisation is reproducible
     dtype = compute_dtype(training_args)
     bits = training_args.bits
     _ = training_args.device  # joins the process group first: ZeRO-3 partitions the LLM as it loads
