@@ -19,8 +19,6 @@ shared machine move with it. Writes runs/bench/llava.json. Not a test.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import shlex
@@ -32,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from memory import proc_status_mib, settle  # benchmarks/memory.py (this folder is on sys.path)
 
 VARIANTS = {"full": [], "lora_bf16": ["--lora_enable", "True"], "qlora": ["--lora_enable", "True", "--bits", "4"]}
 
@@ -68,23 +67,6 @@ def llava_argv(folder: Path, variant: str, args: argparse.Namespace, samples: in
             "--lora_alpha", str(2 * args.lora_r), *VARIANTS[variant], *shlex.split(args.llava_flags)]
 
 
-def _proc_status_mib(field: str) -> float:
-    """VmRSS / VmHWM of this process image. (ru_maxrss is not used: Linux keeps it across execve, so a
-    child would inherit its parent's peak.)"""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _settle() -> float:
-    """Return freed memory to the OS and reset the peak (VmHWM) to the current RSS; returns RSS MiB."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-    return _proc_status_mib("VmRSS")
-
-
 def train_child(argv: list[str], warmup: int, steps: int) -> dict:
     """Build through build_model, then warmup + timed training steps in this (fresh) process."""
     import bitsandbytes  # noqa: F401  (imports are the baseline, not the model's cost)
@@ -98,7 +80,7 @@ def train_child(argv: list[str], warmup: int, steps: int) -> dict:
 
     model_args, data_args, training_args = parse(argv)
     validate(model_args, data_args, training_args)
-    base = _settle()
+    base = settle()
     torch.manual_seed(0)
     model, tokenizer = build_model(model_args, training_args)
     if training_args.gradient_checkpointing:  # what Trainer does (k-bit models got it in build_model already)
@@ -113,7 +95,7 @@ def train_child(argv: list[str], warmup: int, steps: int) -> dict:
     dtype, size = compute_dtype(training_args), training_args.per_device_train_batch_size
     # Loading converts (and for QLoRA quantises) the checkpoint: transient copies that are not the
     # step's cost, so the peak is reset after loading.
-    loaded, load_before = _settle(), os.getloadavg()[0]
+    loaded, load_before = settle(), os.getloadavg()[0]
     timed_tokens, timed_seconds, losses = 0, 0.0, []
     for step in range(warmup + steps):  # from the second step on, AdamW's state is resident too
         index = [(step * size + k) % len(dataset) for k in range(size)]
@@ -129,7 +111,7 @@ def train_child(argv: list[str], warmup: int, steps: int) -> dict:
         if step >= warmup:  # spliced length: text + image tokens, truncated like the model does
             timed_tokens += sum(min(dataset.samples[i]["length"], training_args.model_max_length) for i in index)
             timed_seconds += seconds
-    peak = _proc_status_mib("VmHWM")
+    peak = proc_status_mib("VmHWM")
     return {"baseline_mib": round(base), "model_resident_mib": round(loaded - base),
             "step_peak_mib": round(peak - base), "tokens_per_step": round(timed_tokens / max(steps, 1)),
             "seconds_per_step": round(timed_seconds / max(steps, 1), 2),

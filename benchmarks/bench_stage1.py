@@ -11,8 +11,6 @@ and the same shapes-world captions. Writes runs/bench/stage1.json. Not a test.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import random
@@ -24,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from memory import proc_status_mib, settle  # benchmarks/memory.py (this folder is on sys.path)
 
 
 def gemm_flops_per_s(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -97,23 +96,6 @@ def bench_encode(folder: Path, texts: list[str], batch_size: int, max_length: in
             "achieved_tflops": round(achieved / 1e12, 3), "mfu_vs_bf16_gemm": round(achieved / bf16_peak, 3)}
 
 
-def _proc_status_mib(field: str) -> float:
-    """VmRSS / VmHWM of this process image. (ru_maxrss is not used: Linux keeps it across execve, so a
-    child would inherit its parent's peak.)"""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _settle() -> float:
-    """Return freed memory to the OS and reset the peak (VmHWM) to the current RSS; returns RSS MiB."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-    return _proc_status_mib("VmRSS")
-
-
 def memory_child(variant: str, folder: str, texts: list[str], batch: int, steps: int = 2) -> dict:
     """CC training steps in this (fresh) process; RSS above the post-import baseline, in MiB."""
     import bitsandbytes  # noqa: F401  (imports are the baseline, not the model's cost)
@@ -124,7 +106,7 @@ def memory_child(variant: str, folder: str, texts: list[str], batch: int, steps:
     from llm2clip.losses import caption_contrastive_loss
     from llm2clip.stage1.lora import LoraSettings, add_lora
 
-    base = _settle()
+    base = settle()
     quantized = variant == "qlora"
     # what `stage1 cc` does: dtype auto (fp32 on CPU) under 4-bit, LoRA on all projections, checkpointing
     cfg = EmbedderConfig(model=folder, device="cpu", max_length=128, load_in_4bit=quantized,
@@ -136,14 +118,14 @@ def memory_child(variant: str, folder: str, texts: list[str], batch: int, steps:
     optimizer = torch.optim.AdamW([p for p in emb.parameters() if p.requires_grad], lr=1e-4)
     # Loading converts (and for QLoRA quantises) the checkpoint: transient copies that are not the
     # step's cost, so the peak is reset after loading.
-    loaded = _settle()
+    loaded = settle()
     queries, docs = emb.batch(texts[:batch]), emb.batch(texts[batch:3 * batch])
     for _ in range(steps):  # from the second step on, AdamW's state is resident too
         p, n = emb(**docs).split(batch)
         caption_contrastive_loss(emb(**queries), p, n).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    peak = _proc_status_mib("VmHWM")
+    peak = proc_status_mib("VmHWM")
     return {"variant": variant, "baseline_mib": round(base), "model_resident_mib": round(loaded - base),
             "step_peak_mib": round(peak - base),
             "tokens_per_step": int(queries["attention_mask"].sum() + docs["attention_mask"].sum())}

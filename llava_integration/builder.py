@@ -19,7 +19,7 @@ from llm2clip.errors import ConfigError
 from .tower import LLM2CLIPVisionTower
 
 RUN_TOWERS = {"llm2clip": "vision_tower", "clip": "clip_vision_tower"}
-HUB_PREFIXES = ("openai/", "laion/", "openai", "laion")
+HUB_PREFIXES = ("openai", "laion")  # LLaVA's rule: the name starts with either
 
 
 def run_dir(cfg=None) -> Path:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from llm2clip.errors import DataError
 
 from .constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -189,6 +187,3 @@ class MismatchCounter:
     def report(self) -> str:
         return f"tokenization mismatch: {self.mismatched}/{self.seen} samples masked"
 
-
-def as_tensors(ids: list[int], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)

@@ -21,7 +21,7 @@ from llm2clip.data.images import ImageSkip, load_image
 from llm2clip.data.readers import SkipCounter
 from llm2clip.errors import DataError
 
-from .constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from .constants import IGNORE_INDEX
 from .conversation import MismatchCounter, get_template, tokenize_conversation, validate_conversation
 
 
@@ -160,6 +160,3 @@ class DataCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask,
                 "images": torch.stack([b["image"] for b in batch])}
 
-
-def count_image_tokens(input_ids: torch.Tensor) -> int:
-    return int((input_ids == IMAGE_TOKEN_INDEX).sum())
