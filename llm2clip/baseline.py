@@ -30,6 +30,23 @@ class TextTowerConfig:
     tokenizer: str = "${run.out_dir}/data/tokenizer"
 
 
+def _check_text_pooling(config_eos: int | None, tokenizer) -> None:
+    """CLIPTextModel pools at the end-of-text token: the first `eos_token_id` in each row or, when
+    the config's eos_token_id is 2 (configs from before transformers#24773), the row's highest
+    token id. Either way the tokenizer's end token must be the one found, or the text would be read
+    only up to its rarest word."""
+    end = tokenizer.eos_token_id
+    highest = len(tokenizer) - 1
+    if config_eos == 2 and end != highest:
+        raise ConfigError(f"this CLIP config has text eos_token_id=2, so transformers pools each caption at its "
+                          f"highest token id, but the tokenizer ends captions with id {end}, not the highest id "
+                          f"({highest}). Fix: give the tokenizer an end-of-text token last in its vocabulary and set "
+                          "text_config.eos_token_id to it")
+    if config_eos not in (2, None) and config_eos != end:
+        raise ConfigError(f"CLIP text_config.eos_token_id={config_eos} but the tokenizer ends captions with id {end}; "
+                          "the text would be pooled at the wrong position. Fix: make them the same token")
+
+
 class BaselineCLIP(nn.Module):
     """CLIPModel plus its tokenizer, with the same encode_image / encode_text API as LLM2CLIP."""
 
@@ -38,6 +55,7 @@ class BaselineCLIP(nn.Module):
         self.clip, self.tokenizer, self.max_length = clip, tokenizer, max_length
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        _check_text_pooling(clip.config.text_config.eos_token_id, tokenizer)
         self.stats = {"truncated": 0}
 
     @property
@@ -49,6 +67,10 @@ class BaselineCLIP(nn.Module):
         from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig
 
         tokenizer = AutoTokenizer.from_pretrained(text.tokenizer)
+        # CLIP's own end-of-text token, last in the vocabulary as in OpenAI's: the text is pooled there
+        # (see _check_text_pooling), and the LM tokenizer's </s> is id 2, which transformers reads as
+        # "legacy config: pool at the highest id".
+        tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
         text_config = CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=text.hidden_size, intermediate_size=4 * text.hidden_size,
             num_hidden_layers=text.num_layers, num_attention_heads=text.num_heads,

@@ -124,7 +124,7 @@ def run_main(cfg, *, force: bool = False, progress: bool = True) -> dict:
         lambda: runs.run_clip_finetune(cfg, images(), progress)))
     summary["llm2clip"] = timed("llm2clip", lambda: _train_step(
         "LLM2CLIP (vision encoder + adapter on cached LLM embeddings)", stage2.llm2clip,
-        force or not _llm2clip_is_current(cfg), lambda: runs.run_llm2clip(cfg, images(), progress)))
+        force or pretrained_now or not _llm2clip_is_current(cfg), lambda: runs.run_llm2clip(cfg, images(), progress)))
     _log("evaluation and export")
     results = timed("eval", lambda: run_eval(cfg, progress=progress))
     if (runs.model_folder(stage2.llm2clip) / "config.json").is_file():
