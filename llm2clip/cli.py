@@ -96,11 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--strict", action="store_true", help="stop at the first bad sample")
     inspect.set_defaults(func=_cmd_inspect)
 
+    from .knowledge.cli import add_parsers as add_knowledge
     from .stage1.cli import add_parser as add_stage1
     from .stage2.cli import add_parsers as add_stage2
 
     add_stage1(groups, _add_config_args)
     add_stage2(groups, _add_config_args)
+    add_knowledge(groups, _add_config_args)
 
     config = groups.add_parser("config", help="show the resolved config or list its keys")
     config.add_argument("what", choices=("show", "keys"))

@@ -21,6 +21,7 @@ from .data.readers import DataConfig
 from .data.synth import SynthConfig
 from .embedder import EmbedderConfig, check_model_ref
 from .errors import ConfigError
+from .knowledge.train import KnowledgeConfig
 from .stage1.cc import CCConfig
 from .stage1.mntp import MNTPConfig
 from .stage1.pretrain_lm import PretrainLMConfig
@@ -52,6 +53,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    knowledge_clip: KnowledgeConfig = field(default_factory=KnowledgeConfig)
 
 
 def _valid_keys(schema: type, prefix: str, sections: bool) -> list[str]:
@@ -123,6 +125,7 @@ def validate(cfg: Config, *, require_data: bool = False) -> None:
     cfg.cache.validate()
     cfg.vision.validate()
     cfg.stage2.validate()
+    cfg.knowledge_clip.validate()
     # Explicit local paths are checked now; relative ones may be written by an earlier step (e.g.
     # stage1.pretrain.out) and are checked when the step that reads them starts.
     produced = cfg.stage1.pretrain.enabled and cfg.embedder.model == cfg.stage1.pretrain.out

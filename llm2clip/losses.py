@@ -77,3 +77,20 @@ class SigLipLoss(torch.nn.Module):
         labels = -torch.ones_like(logits)
         labels[torch.arange(n), torch.arange(n) + n * rank] = 1.0
         return -F.logsigmoid(labels * logits).sum() / n
+
+
+# -- Knowledge-CLIP (arXiv 2412.03513) ---------------------------------------------------------------------
+def embedding_distillation_loss(predicted: torch.Tensor, llm_vectors: torch.Tensor) -> torch.Tensor:
+    """L_emb = ‖E_T(c)·W_e − LLM(c)‖², summed over the LLM width and averaged over the batch.
+
+    predicted: E_T(c)·W_e [B, D] (CLIP text features mapped into the LLM's width); llm_vectors [B, D]."""
+    if predicted.shape != llm_vectors.shape:
+        raise ValueError(f"predicted {tuple(predicted.shape)} and LLM vectors {tuple(llm_vectors.shape)} differ in "
+                         "shape; is W_e's output width the cache's width?")
+    return (predicted.float() - llm_vectors.float()).pow(2).sum(-1).mean()
+
+
+def soft_concept_loss(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor:
+    """KL(soft_labels ‖ softmax(logits)) averaged over the batch: soft cross-entropy minus the labels'
+    entropy, so a perfect classifier scores 0 whatever the labels' sharpness. logits, soft_labels [B, K]."""
+    return F.kl_div(F.log_softmax(logits.float(), dim=-1), soft_labels.float(), reduction="batchmean")

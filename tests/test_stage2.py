@@ -159,19 +159,9 @@ def test_main_job_end_to_end_micro_run(world, tmp_path):
     import json
 
     from llm2clip.cli import main
+    from tests.helpers import micro_run_overrides
 
-    d = world
-    sets = [f"run.out_dir={tmp_path}", f"data.path={d}/train.jsonl", "data.image_size=32",
-            f"stage1.pretrain.corpus={d}/corpus.txt", f"stage1.pretrain.tokenizer={d}/tokenizer",
-            "stage1.pretrain.hidden_size=32", "stage1.pretrain.num_layers=1", "stage1.pretrain.intermediate_size=64",
-            "stage1.pretrain.steps=5", "stage1.pretrain.seq_len=32", "stage1.pretrain.batch_size=4",
-            f"stage1.cc.text_pairs={d}/parallel.jsonl", "stage1.cc.steps=3", "stage1.cc.batch_size=4",
-            f"stage1.cra_data={d}/test.jsonl", "embedder.max_length=96",
-            f"cache.data=[{d}/train.jsonl,{d}/test.jsonl]", f"stage2.eval_data={d}/test.jsonl",
-            f"stage2.text.tokenizer={d}/tokenizer", "vision.hidden_size=32", "vision.num_layers=1",
-            "vision.patch_size=16", "stage2.model.embed_dim=16", "stage2.model.adapter_depth=1",
-            *(f"stage2.{r}.{k}" for r in ("clip_pretrain", "clip_finetune", "llm2clip")
-              for k in ("steps=3", "batch_size=8", "checkpoint_every=2"))]
+    sets = micro_run_overrides(world, tmp_path)
     argv = ["run", "--config", "configs/tiny.yaml", "--no-progress", *[x for s in sets for x in ("--set", s)]]
     assert main([*argv, "--set", "synth.enabled=false"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())

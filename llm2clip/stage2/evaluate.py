@@ -24,7 +24,7 @@ def caption_sets(cfg) -> dict[str, list[str]]:
             "second_language": list(cfg.stage2.second_language_fields)}
 
 
-def _baseline_encoders(model: BaselineCLIP, device):
+def baseline_encoders(model: BaselineCLIP, device):
     model.to(device).eval()
     return (lambda px: model.encode_image(px.to(device)),
             lambda keys, captions: model.encode_text([c.text for c in captions]))
@@ -66,7 +66,7 @@ def llm2clip_text_side(cfg, model: LLM2CLIP | None = None):
     return LiveVectors(embedder())
 
 
-def _llm2clip_encoders(cfg, model: LLM2CLIP, device):
+def llm2clip_encoders(cfg, model: LLM2CLIP, device):
     model.to(device).eval()
     text_side = llm2clip_text_side(cfg, model)
     return (lambda px: model.encode_image(px.to(device)),
@@ -84,11 +84,11 @@ def run_eval(cfg, progress: bool = True, models: tuple[str, ...] = ("clip_pretra
     sets = caption_sets(cfg)
     stage2 = cfg.stage2
     loaders = {
-        "clip_pretrained": lambda: _baseline_encoders(BaselineCLIP.from_pretrained(pretrained_clip_folder(cfg)),
+        "clip_pretrained": lambda: baseline_encoders(BaselineCLIP.from_pretrained(pretrained_clip_folder(cfg)),
                                                       device),
-        "clip_finetuned": lambda: _baseline_encoders(BaselineCLIP.from_pretrained(model_folder(stage2.clip_finetune)),
+        "clip_finetuned": lambda: baseline_encoders(BaselineCLIP.from_pretrained(model_folder(stage2.clip_finetune)),
                                                      device),
-        "llm2clip": lambda: _llm2clip_encoders(cfg, LLM2CLIP.from_pretrained(model_folder(stage2.llm2clip)), device),
+        "llm2clip": lambda: llm2clip_encoders(cfg, LLM2CLIP.from_pretrained(model_folder(stage2.llm2clip)), device),
     }
     available = {"clip_pretrained": stage2.clip_pretrain.enabled or cfg.vision.model != "tiny",
                  "clip_finetuned": (model_folder(stage2.clip_finetune) / "config.json").is_file(),

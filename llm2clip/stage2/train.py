@@ -37,6 +37,7 @@ class TrainConfig:
     batch_size: int = 128  # global, over all processes and accumulation steps
     lr: float = 1e-3  # the vision side (EVA-CLIP / LLM2CLIP's --visual-lr)
     text_lr: float | None = None  # the text side (adapter or CLIP text tower); None = lr (--text-lr)
+    head_lr: float | None = None  # fresh heads (Knowledge-CLIP's W_e and concept classifier); None = text_lr
     warmup_steps: int = 20
     weight_decay: float = 0.05
     max_grad_norm: float = 5.0
@@ -49,35 +50,40 @@ class TrainConfig:
     out: str = "${run.out_dir}/stage2/run"
 
     def validate(self, name: str) -> None:
+        """`name`: the run's config section, e.g. 'llm2clip' (under stage2) or 'knowledge_clip.train'."""
+        name = name if "." in name else f"stage2.{name}"
         if self.batch_size < 2 or self.steps < 1 or self.accum_freq < 1:
-            raise ConfigError(f"stage2.{name}: batch_size must be >= 2, steps and accum_freq >= 1")
+            raise ConfigError(f"{name}: batch_size must be >= 2, steps and accum_freq >= 1")
         if not 0.0 <= self.long_caption_ratio <= 1.0:
-            raise ConfigError(f"stage2.{name}.long_caption_ratio must be in [0, 1]")
+            raise ConfigError(f"{name}.long_caption_ratio must be in [0, 1]")
         if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"stage2.{name}.precision must be bf16 or fp32")
+            raise ConfigError(f"{name}.precision must be bf16 or fp32")
         if self.deepspeed and self.accum_freq > 1:
-            raise ConfigError(f"stage2.{name}: accum_freq > 1 is not supported under DeepSpeed; raise batch_size "
+            raise ConfigError(f"{name}: accum_freq > 1 is not supported under DeepSpeed; raise batch_size "
                               "or use torchrun")
 
 
-def _is_text_side(name: str) -> bool:
-    return name.startswith(("text_adapter.", "clip.text_model.", "clip.text_projection."))
+def _side(name: str) -> str:
+    """Which learning rate a parameter trains with: 'vision', 'text' or 'head' (freshly initialised)."""
+    if name.startswith("heads."):
+        return "head"
+    return "text" if name.startswith(("text_adapter.", "clip.text_model.", "clip.text_projection.")) else "vision"
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig):
     """AdamW with open_clip's groups: no decay on norms, biases and the logit scale/bias; the text side
-    may have its own learning rate."""
+    and fresh heads may have their own learning rates."""
     from transformers import get_cosine_schedule_with_warmup
 
-    groups: dict[tuple[bool, bool], list] = {}
+    groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             decay = p.ndim >= 2 and "logit_" not in name
-            groups.setdefault((_is_text_side(name), decay), []).append(p)
+            groups.setdefault((_side(name), decay), []).append(p)
     text_lr = cfg.lr if cfg.text_lr is None else cfg.text_lr
-    param_groups = [{"params": params, "lr": text_lr if text else cfg.lr,
-                     "weight_decay": cfg.weight_decay if decay else 0.0}
-                    for (text, decay), params in sorted(groups.items())]
+    lrs = {"vision": cfg.lr, "text": text_lr, "head": text_lr if cfg.head_lr is None else cfg.head_lr}
+    param_groups = [{"params": params, "lr": lrs[side], "weight_decay": cfg.weight_decay if decay else 0.0}
+                    for (side, decay), params in sorted(groups.items())]
     # fused: one kernel for all tensors (4x faster than the per-tensor default on CPU, where torch
     # does not pick it by itself)
     fused = all(p.device.type in ("cpu", "cuda") for g in param_groups for p in g["params"])
@@ -96,26 +102,53 @@ def _split(x, n: int) -> list:
     return list(x.chunk(n))
 
 
-def _step_loss(model, loss_fn, pixels, text_in, accum_freq: int, no_sync) -> torch.Tensor:
-    """Forward + backward of one step; returns the loss (detached)."""
+def _objective(loss_fn, weights: dict[str, float], outputs, weight_scale: float = 1.0):
+    """Model outputs -> (loss to backpropagate, its parts detached).
+
+    outputs: (image [B, E], text [B, E], scale, bias) and, for models with auxiliary objectives
+    (Knowledge-CLIP), a dict of per-sample-mean terms, weighted by `weights` (missing weight: 1).
+    `weight_scale` divides the auxiliary terms across accumulated micro-batches."""
+    image, text, scale, bias = outputs[:4]
+    contrastive = loss_fn(image, text, scale, bias)
+    terms = outputs[4] if len(outputs) > 4 else {}
+    if not terms:
+        return contrastive, {}
+    total = weights.get("clip", 1.0) * contrastive
+    for name, value in terms.items():
+        total = total + weights.get(name, 1.0) * weight_scale * value
+    return total, {"clip": contrastive.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+
+def _step_loss(model, loss_fn, pixels, text_in, accum_freq: int, no_sync, weights=None):
+    """Forward + backward of one step; returns the loss and its parts (detached)."""
+    weights = weights or {}
     if accum_freq == 1:
-        image, text, scale, bias = model(pixels, text_in)
-        loss = loss_fn(image, text, scale, bias)
+        loss, parts = _objective(loss_fn, weights, model(pixels, text_in))
         loss.backward()
-        return loss.detach()
+        return loss.detach(), parts
     px, tx = pixels.chunk(accum_freq), _split(text_in, accum_freq)
     with torch.no_grad():
         cached = [model(p, t)[:2] for p, t in zip(px, tx, strict=True)]  # [(image [b, E], text [b, E])]
+    clip_value, aux = None, {}
     for j in range(accum_freq):
-        image_j, text_j, scale, bias = model(px[j], tx[j])
+        outputs = model(px[j], tx[j])
+        image_j, text_j, scale, bias = outputs[:4]
         images = torch.cat([image_j if i == j else c[0] for i, c in enumerate(cached)])
         texts = torch.cat([text_j if i == j else c[1] for i, c in enumerate(cached)])
         if j > 0:  # the scale/bias gradient is complete after the first pass; don't count it again
             scale, bias = scale.detach(), bias.detach() if bias is not None else None
         with no_sync() if j < accum_freq - 1 else contextlib.nullcontext():
-            loss = loss_fn(images, texts, scale, bias)
+            # the contrastive loss spans the whole batch in every pass; per-sample terms add up over passes
+            loss, parts = _objective(loss_fn, weights, (images, texts, scale, bias, *outputs[4:]), 1 / accum_freq)
             loss.backward()
-    return loss.detach()
+        clip_value = parts.get("clip")
+        for k, v in parts.items():
+            if k != "clip":
+                aux[k] = aux.get(k, 0.0) + v / accum_freq
+    if not aux:
+        return loss.detach(), {}
+    total = weights.get("clip", 1.0) * clip_value + sum(weights.get(k, 1.0) * v for k, v in aux.items())
+    return total, {"clip": clip_value, **aux}
 
 
 def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampler: CaptionSampler,
@@ -125,7 +158,8 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
     cfg.validate(name)
     rank, world_size = init_from_env()
     if cfg.batch_size % (world_size * cfg.accum_freq):
-        raise ConfigError(f"stage2.{name}.batch_size={cfg.batch_size} must divide by processes x accum_freq "
+        section = name if "." in name else f"stage2.{name}"
+        raise ConfigError(f"{section}.batch_size={cfg.batch_size} must divide by processes x accum_freq "
                           f"({world_size} x {cfg.accum_freq})")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
@@ -152,8 +186,9 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
         engine = torch.nn.parallel.DistributedDataParallel(model)
         no_sync = engine.no_sync
     writer = _tensorboard(out / "tensorboard") if rank == 0 else None
-    curve, seen, t0 = [], 0, time.perf_counter()
-    bar = tqdm(range(start, cfg.steps), desc=f"stage2 {name}", disable=not progress or rank != 0,
+    weights = getattr(model, "loss_weights", {})  # e.g. Knowledge-CLIP's α, β, γ
+    curve, terms, seen, t0 = [], [], 0, time.perf_counter()
+    bar = tqdm(range(start, cfg.steps), desc=name, disable=not progress or rank != 0,
                initial=start, total=cfg.steps)
     for step in bar:
         # The global batch and its captions are drawn identically on every rank; each takes its slice.
@@ -165,12 +200,12 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
         pixels, text_in = images.pixels[idx].to(device), _to(text_side(keys, captions), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             if cfg.deepspeed:
-                image, text, scale, bias = engine(pixels, text_in)
-                step_loss = loss_fn(image, text, scale, bias)
+                step_loss, parts = _objective(loss_fn, weights, engine(pixels, text_in))
                 engine.backward(step_loss)
                 engine.step()
+                step_loss = step_loss.detach()
             else:
-                step_loss = _step_loss(engine, loss_fn, pixels, text_in, cfg.accum_freq, no_sync)
+                step_loss, parts = _step_loss(engine, loss_fn, pixels, text_in, cfg.accum_freq, no_sync, weights)
         if not cfg.deepspeed:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
             optimizer.step()
@@ -179,6 +214,7 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
         model.clamp_logit_scale()
         value = step_loss.item()
         curve.append(value)
+        terms.append({k: v.item() for k, v in parts.items()})
         seen += cfg.batch_size
         rate = seen / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.0f}")
@@ -187,6 +223,8 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
             writer.add_scalar(f"{name}/lr", scheduler.get_last_lr()[0], step)
             writer.add_scalar(f"{name}/logit_scale", model.logit_scale.exp().item(), step)
             writer.add_scalar(f"{name}/images_per_s", rate, step)
+            for k, v in terms[-1].items():
+                writer.add_scalar(f"{name}/loss_{k}", v, step)
         last = step + 1 == cfg.steps
         if rank == 0 and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last):
             with _scalar_shapes(scalars):
@@ -198,11 +236,13 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
     summary = {"steps": cfg.steps, "resumed_from": start, "damaged_checkpoints": rejected,
                "loss_first": curve[0] if curve else None, "loss_last": curve[-1] if curve else None,
                "images_per_s": round(seen / max(time.perf_counter() - t0, 1e-9), 1), "world_size": world_size}
+    if terms and terms[0]:
+        summary["terms_first"], summary["terms_last"] = terms[0], terms[-1]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "loss.jsonl", "a" if start else "w") as f:
-            for i, v in enumerate(curve, start):
-                f.write(json.dumps({"step": i, "loss": v}) + "\n")
+            for i, (v, parts) in enumerate(zip(curve, terms, strict=True), start):
+                f.write(json.dumps({"step": i, "loss": v, **({"terms": parts} if parts else {})}) + "\n")
     return summary
 
 
