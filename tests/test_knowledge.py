@@ -141,3 +141,29 @@ def test_knowledge_clip_forward_computes_each_term_from_its_heads_and_round_trip
     assert plain.config.projection_dim == 16
     with pytest.raises(ConfigError, match="not a Knowledge-CLIP folder"):
         KnowledgeCLIP.from_pretrained(tmp_path)
+
+
+def test_fit_reseeds_a_cluster_left_empty_by_kmeans_and_counts_it(monkeypatch):
+    """scikit-learn relocates clusters that empty while it iterates; one still empty at the end (as with
+    many duplicate captions) goes through our reseed-and-refit loop. Simulated: the first fit's last
+    centroid is moved away from every point."""
+    import sklearn.cluster
+
+    real = sklearn.cluster.KMeans
+    calls = []
+
+    class FirstFitLeavesOneEmpty(real):
+        def fit(self, x, y=None, sample_weight=None):
+            super().fit(x)
+            calls.append(self.init if isinstance(self.init, str) else "centroids")
+            if len(calls) == 1:
+                self.cluster_centers_[-1] = 100.0
+                self.labels_ = self.predict(x)
+            return self
+
+    monkeypatch.setattr(sklearn.cluster, "KMeans", FirstFitLeavesOneEmpty)
+    vectors, _ = _blobs()
+    concepts = fit_concepts(vectors, ConceptConfig(num_concepts=4), seed=0)
+    assert calls == ["k-means++", "centroids"]  # refit from the reseeded centroids
+    assert concepts.info["reseeded"] == 1 and concepts.info["empty_clusters"] == 0
+    assert concepts.info["cluster_sizes"]["min"] > 0
