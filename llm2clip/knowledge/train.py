@@ -25,7 +25,9 @@ from .concepts import CENTROIDS, META, ConceptConfig, Concepts, fit_concepts
 @dataclass
 class KnowledgeConfig:
     concepts: ConceptConfig = field(default_factory=ConceptConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(out="${run.out_dir}/knowledge_clip", lr=1e-5))
+    # the vision side fine-tunes gently, as stage2.clip_finetune; W_e and the concept head start from scratch
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out="${run.out_dir}/knowledge_clip", lr=1e-5,
+                                                                   head_lr=1e-3))
     clip_weight: float = 1.0  # α, on the CLIP contrastive loss
     distill_weight: float = 0.01  # β, on L_emb = ‖E_T(c)·W_e − LLM(c)‖²
     concept_weight: float = 1.0  # γ, on the soft-concept KL
