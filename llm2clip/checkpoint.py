@@ -1,8 +1,10 @@
 """Training checkpoints that survive a kill: safetensors and JSON only, written atomically, verified on load.
 
-    <dir>/step-0000300/  model.safetensors      every tensor of the model's state_dict
+    <dir>/step-0000300/  model.safetensors      every tensor of the model's state_dict (or, with
+                                                trainable_only, of its trainable parameters: LoRA)
                          optimizer.safetensors  the optimizer's per-parameter state
-                         state.json             step, optimizer param groups, scheduler state
+                         state.json             step, optimizer param groups, scheduler state, and
+                                                the trainer's JSON extras (sampler RNG states, losses)
                          rng.safetensors        torch's CPU RNG state
                          manifest.json          sha256 of each file above; written last
 
@@ -53,9 +55,17 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
+def _weights(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    if trainable_only:  # a frozen (possibly 4-bit) base is not part of the training state
+        return {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
 def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None, scheduler, keep: int = 2) -> Path:
-    """optimizer=None saves no optimizer state (DeepSpeed ZeRO partitions it across ranks)."""
+                    optimizer: torch.optim.Optimizer | None, scheduler, keep: int = 2, *,
+                    trainable_only: bool = False, extra: dict | None = None) -> Path:
+    """optimizer=None saves no optimizer state (DeepSpeed ZeRO partitions it across ranks). `extra`:
+    JSON-serialisable trainer state, returned by `checkpoint_extra`."""
     from safetensors.torch import save
 
     folder = Path(folder)
@@ -63,9 +73,10 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
     tmp = folder / f".step-{step:07d}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model_state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    model_state = _weights(model, trainable_only)
     opt_tensors, opt_meta = _optimizer_tensors(optimizer) if optimizer is not None else ({}, None)
-    state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict() if scheduler else None}
+    state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict() if scheduler else None,
+             "trainable_only": trainable_only, "extra": extra or {}}
     _write(tmp / "model.safetensors", save(model_state))
     _write(tmp / "optimizer.safetensors", save(opt_tensors))
     _write(tmp / "state.json", json.dumps(state).encode())
@@ -113,8 +124,16 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
     optimizer state (or optimizer=None) the optimizer starts fresh and a warning says so."""
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     state = json.loads((ckpt / "state.json").read_text())
+    weights = load_file(str(ckpt / "model.safetensors"))
+    if state.get("trainable_only"):
+        expected = set(_weights(model, True))
+        if set(weights) != expected:
+            raise ValueError(f"{ckpt} holds other trainable parameters than this model ({len(weights)} vs "
+                             f"{len(expected)}); was it written by another configuration?")
+        model.load_state_dict(weights, strict=False)
+    else:
+        model.load_state_dict(weights)
     if optimizer is not None and state["optimizer"] is not None:
         tensors = load_file(str(ckpt / "optimizer.safetensors"))
         per_param: dict[int, dict] = {}
@@ -128,3 +147,8 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
         scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch_cpu"])
     return int(state["step"])
+
+
+def checkpoint_extra(ckpt: Path) -> dict:
+    """The trainer's JSON extras saved with `save_checkpoint(extra=...)`."""
+    return json.loads((ckpt / "state.json").read_text()).get("extra", {})

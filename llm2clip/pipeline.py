@@ -36,6 +36,8 @@ def _stage1(cfg, force: bool, progress: bool) -> dict:
         out["mntp"] = s1.run_mntp(cfg, progress)
     if force or out or not (Path(cfg.stage1.cc.out) / "embedder_config.json").is_file():
         _log("stage 1: caption-contrastive fine-tuning")
+        if force or out:  # a new LM (or --force): checkpoints of an earlier CC run do not apply
+            shutil.rmtree(cfg.stage1.cc.checkpoint_dir, ignore_errors=True)
         out["cc"] = s1.run_cc(cfg, progress)
     if force or out or not Path(cfg.stage1.cra_out).is_file():
         _log("stage 1: caption retrieval accuracy")

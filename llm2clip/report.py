@@ -56,7 +56,7 @@ def plot_training_curves(runs: dict[str, Path], out: Path) -> Path:
         path = Path(folder) / "loss.jsonl"
         if not path.is_file():
             continue
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["loss"] is not None]  # skipped: null
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name, linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("contrastive loss")

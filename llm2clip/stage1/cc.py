@@ -8,7 +8,8 @@ configs/deepspeed/zero2.json; "auto" values are filled in as the HF Trainer does
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+import shutil
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from ..data.readers import DataConfig
 from ..distributed import init_from_env
 from ..embedder import CaptionEmbedder, EmbedderConfig, load_backbone, resolve_device
 from ..errors import ConfigError
+from ..guards import apply_step, check_policy
 from ..losses import caption_contrastive_loss
 from .common import TrainState, atomic_dir, make_optimizer, seed_everything
 from .lora import LoraSettings, add_lora
@@ -46,7 +48,11 @@ class CCConfig:
     # embedder's (on CPU, eager trains a tiny LM faster, sdpa encodes 1.9x faster)
     attn_implementation: str | None = None
     deepspeed: str | None = None  # DeepSpeed JSON config; run under torchrun or the deepspeed launcher
+    checkpoint_every: int = 100  # steps between atomic checkpoints of the LoRA weights and state (0 = none)
+    keep_checkpoints: int = 2
+    nonfinite: str = "stop"  # a NaN/inf loss: stop with an error (nothing applied) | skip the batch and count it
     out: str = "${run.out_dir}/stage1/cc"
+    checkpoint_dir: str = "${run.out_dir}/stage1/cc-checkpoints"  # removed once `out` is written
 
     def validate(self) -> None:
         if not 0.0 <= self.translation_fraction < 1.0:
@@ -57,6 +63,14 @@ class CCConfig:
             raise ConfigError("stage1.cc.batch_size must be >= 2 (in-batch negatives) and steps >= 1")
         if self.attn_implementation not in (None, "sdpa", "eager", "flash_attention_2"):
             raise ConfigError("stage1.cc.attn_implementation must be null, sdpa, eager or flash_attention_2")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ConfigError("stage1.cc.checkpoint_every must be >= 0 and keep_checkpoints >= 1")
+        check_policy("stage1.cc.nonfinite", self.nonfinite, self.deepspeed)
+
+    def resume_key(self, seed: int) -> dict:
+        """What a checkpoint must have been written with to be resumed (not: steps, out, checkpointing)."""
+        skip = {"steps", "out", "checkpoint_dir", "checkpoint_every", "keep_checkpoints"}
+        return {"seed": seed, **{k: v for k, v in asdict(self).items() if k not in skip}}
 
 
 def deepspeed_config(path: str, micro_batch: int, world_size: int, max_grad_norm: float, bf16: bool) -> dict:
@@ -100,6 +114,10 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
     embedder.train()
     optimizer, scheduler = make_optimizer(embedder.parameters(), cfg.lr, cfg.weight_decay, cfg.warmup_steps,
                                           cfg.steps, cfg.lr_schedule)
+    # before DeepSpeed takes the weights: ZeRO keeps its own fp32 master copy of them
+    state = TrainState()
+    start, skipped = _resume(cfg, seed, embedder, None if cfg.deepspeed else optimizer, scheduler, sampler, state,
+                             rank, world_size), 0
     engine = model = embedder
     if cfg.deepspeed:
         import deepspeed
@@ -112,8 +130,8 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
     elif world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(embedder)
 
-    state = TrainState()
-    for _ in tqdm(range(cfg.steps), desc="stage1 cc", disable=not progress or rank != 0):
+    for step in tqdm(range(start, cfg.steps), desc="stage1 cc", disable=not progress or rank != 0, initial=start,
+                     total=cfg.steps):
         pairs = sampler.batch(cfg.batch_size)
         # Queries and documents go through separately: they differ in kind (short vs long, English vs
         # Chinese), so one padded batch would be mostly padding.
@@ -123,21 +141,31 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
         loss = caption_contrastive_loss(queries, positives, negatives[0] if negatives else None, scale=cfg.scale)
         if cfg.deepspeed:
             engine.backward(loss)
+            apply_step(loss, step, "stage1.cc.nonfinite", "stop")
             engine.step()  # clips, steps the optimizer and the schedule
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in embedder.parameters() if p.requires_grad], cfg.max_grad_norm)
-            optimizer.step()
+            if apply_step(loss, step, "stage1.cc.nonfinite", cfg.nonfinite):
+                torch.nn.utils.clip_grad_norm_([p for p in embedder.parameters() if p.requires_grad],
+                                               cfg.max_grad_norm)
+                optimizer.step()
+            else:
+                skipped += 1
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        state.log(loss.item())
+        if torch.isfinite(loss).all():
+            state.log(loss.item())
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            _checkpoint(cfg, seed, step + 1, embedder, None if cfg.deepspeed else optimizer, scheduler, sampler,
+                        state, rank, world_size)
 
     if rank == 0:
         save_cc_adapter(embedder, emb_cfg, cfg.out)
+        shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)  # the finished adapter supersedes them
     if world_size > 1:
         torch.distributed.barrier()
     return {"loss_first": state.mean_first(10), "loss_last": state.mean_last(10), "loss_curve": state.curve(),
-            "steps": cfg.steps,
+            "steps": cfg.steps, "resumed_from": start, "skipped_nonfinite": skipped,
             "world_size": world_size, "truncated_texts": embedder.stats["truncated"],
             "trainable_parameters": sum(p.numel() for p in embedder.parameters() if p.requires_grad)}
 
@@ -150,3 +178,50 @@ def save_cc_adapter(embedder: CaptionEmbedder, emb_cfg: EmbedderConfig, out: str
         adapters = [str(Path(a).resolve()) for a in emb_cfg.adapters] + ["."]
         model = emb_cfg.model if not Path(emb_cfg.model).exists() else str(Path(emb_cfg.model).resolve())
         embedder.save_config(tmp, model=model, adapters=adapters, load_in_4bit=False)
+
+
+# -- kill and resume: LoRA weights, optimizer, schedule and every rank's RNG streams ---------------------
+def _rank_state(sampler: PairSampler) -> dict:
+    return {"sampler": sampler.state(), "torch_rng": torch.get_rng_state().tolist()}
+
+
+def _checkpoint(cfg: CCConfig, seed: int, step: int, embedder, optimizer, scheduler, sampler: PairSampler,
+                state: TrainState, rank: int, world_size: int) -> None:
+    from ..checkpoint import save_checkpoint
+
+    ranks = [_rank_state(sampler)]
+    if world_size > 1:  # every rank's sampler and RNG: a resumed run draws what each rank would have drawn
+        ranks = [None] * world_size
+        torch.distributed.all_gather_object(ranks, _rank_state(sampler))
+    if rank == 0:
+        extra = {"resume_key": cfg.resume_key(seed), "world_size": world_size, "ranks": ranks,
+                 "losses": state.losses}
+        save_checkpoint(cfg.checkpoint_dir, step, embedder, optimizer, scheduler, cfg.keep_checkpoints,
+                        trainable_only=True, extra=extra)
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def _resume(cfg: CCConfig, seed: int, embedder, optimizer, scheduler, sampler: PairSampler, state: TrainState,
+            rank: int, world_size: int) -> int:
+    """Continue from the newest valid checkpoint in cfg.checkpoint_dir (0 when there is none)."""
+    from ..checkpoint import checkpoint_extra, latest_checkpoint, load_checkpoint
+
+    ckpt, _ = latest_checkpoint(cfg.checkpoint_dir)
+    if ckpt is None:
+        return 0
+    extra = checkpoint_extra(ckpt)
+    if extra.get("resume_key") != json.loads(json.dumps(cfg.resume_key(seed))):
+        changed = sorted(k for k, v in cfg.resume_key(seed).items()
+                         if json.loads(json.dumps(v)) != extra.get("resume_key", {}).get(k))
+        raise ConfigError(f"{ckpt} was written by a run with other stage1.cc settings ({', '.join(changed)}). "
+                          f"Fix: restore them to resume, or delete {cfg.checkpoint_dir} to start over")
+    if extra["world_size"] != world_size:
+        raise ConfigError(f"{ckpt} was written by {extra['world_size']} processes, this run has {world_size}. "
+                          "Fix: resume with the same number of processes")
+    step = load_checkpoint(ckpt, embedder, optimizer, scheduler)
+    mine = extra["ranks"][rank]
+    sampler.set_state(mine["sampler"])
+    torch.set_rng_state(torch.tensor(mine["torch_rng"], dtype=torch.uint8))
+    state.losses = list(extra["losses"])
+    return step

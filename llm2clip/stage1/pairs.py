@@ -88,6 +88,14 @@ class PairSampler:
         if long_long and not any(len(g.longs) >= 2 for g in groups):
             raise ConfigError("long_long pairs need >= 2 long captions per image (data.long_caption_keys)")
 
+    def state(self) -> dict:
+        """Both RNG states as JSON-able lists (a resumed run draws the batches it would have drawn)."""
+        return {"rng": _json_state(self.rng.getstate()), "task_rng": _json_state(self.task_rng.getstate())}
+
+    def set_state(self, state: dict) -> None:
+        self.rng.setstate(_tuple_state(state["rng"]))
+        self.task_rng.setstate(_tuple_state(state["task_rng"]))
+
     def _other(self, n: int, i: int) -> int:
         j = self.rng.randrange(n - 1)
         return j + (j >= i)
@@ -122,3 +130,13 @@ class PairSampler:
         if forward:
             return Pair(src, tgt, neg_tgt, INSTRUCTIONS["translation"])
         return Pair(tgt, src, neg_src, INSTRUCTIONS["translation"])
+
+
+def _json_state(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _tuple_state(state: list) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss

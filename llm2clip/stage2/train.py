@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..distributed import init_from_env
 from ..errors import ConfigError
+from ..guards import apply_step, check_policy
 from ..losses import ClipLoss, SigLipLoss
 from .data import CaptionSampler, ImageSet, batch_indices
 
@@ -47,6 +48,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     deepspeed: str | None = None  # DeepSpeed JSON (ZeRO-1/2); run under torchrun or the deepspeed launcher
+    nonfinite: str = "stop"  # a NaN/inf loss: stop with an error (nothing applied) | skip the batch and count it
     out: str = "${run.out_dir}/stage2/run"
 
     def validate(self, name: str) -> None:
@@ -58,6 +60,7 @@ class TrainConfig:
             raise ConfigError(f"{name}.long_caption_ratio must be in [0, 1]")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"{name}.precision must be bf16 or fp32")
+        check_policy(f"{name}.nonfinite", self.nonfinite, self.deepspeed)
         if self.deepspeed and self.accum_freq > 1:
             raise ConfigError(f"{name}: accum_freq > 1 is not supported under DeepSpeed; raise batch_size "
                               "or use torchrun")
@@ -187,6 +190,7 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
         no_sync = engine.no_sync
     writer = _tensorboard(out / "tensorboard") if rank == 0 else None
     weights = getattr(model, "loss_weights", {})  # e.g. Knowledge-CLIP's α, β, γ
+    key, skipped = f"{name if '.' in name else 'stage2.' + name}.nonfinite", 0
     curve, terms, seen, t0 = [], [], 0, time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc=name, disable=not progress or rank != 0,
                initial=start, total=cfg.steps)
@@ -202,23 +206,27 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
             if cfg.deepspeed:
                 step_loss, parts = _objective(loss_fn, weights, engine(pixels, text_in))
                 engine.backward(step_loss)
+                apply_step(step_loss, step, key, "stop")
                 engine.step()
                 step_loss = step_loss.detach()
             else:
                 step_loss, parts = _step_loss(engine, loss_fn, pixels, text_in, cfg.accum_freq, no_sync, weights)
         if not cfg.deepspeed:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+            if apply_step(step_loss, step, key, cfg.nonfinite):
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+                optimizer.step()
+            else:
+                skipped += 1
+            scheduler.step()  # a skipped batch still uses up its step: the schedule stays a function of the step
             optimizer.zero_grad(set_to_none=True)
         model.clamp_logit_scale()
-        value = step_loss.item()
+        value = step_loss.item() if torch.isfinite(step_loss).all() else None  # JSON has no NaN
         curve.append(value)
-        terms.append({k: v.item() for k, v in parts.items()})
+        terms.append({k: v.item() for k, v in parts.items()} if value is not None else {})
         seen += cfg.batch_size
         rate = seen / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.0f}")
-        if writer:
+        bar.set_postfix(loss=f"{value:.3f}" if value is not None else "skipped", img_s=f"{rate:.0f}")
+        if writer and value is not None:
             writer.add_scalar(f"{name}/loss", value, step)
             writer.add_scalar(f"{name}/lr", scheduler.get_last_lr()[0], step)
             writer.add_scalar(f"{name}/logit_scale", model.logit_scale.exp().item(), step)
@@ -235,7 +243,8 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
         writer.close()
     summary = {"steps": cfg.steps, "resumed_from": start, "damaged_checkpoints": rejected,
                "loss_first": curve[0] if curve else None, "loss_last": curve[-1] if curve else None,
-               "images_per_s": round(seen / max(time.perf_counter() - t0, 1e-9), 1), "world_size": world_size}
+               "images_per_s": round(seen / max(time.perf_counter() - t0, 1e-9), 1), "world_size": world_size,
+               "skipped_nonfinite": skipped}
     if terms and terms[0]:
         summary["terms_first"], summary["terms_last"] = terms[0], terms[-1]
     if rank == 0:
