@@ -52,3 +52,12 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if world()[1] == 1:
         return x
     return _AllGatherWithGrad.apply(x)
+
+
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over ranks (detached): what one process would log for the whole batch."""
+    x = x.detach().float().reshape(1).clone()
+    if world()[1] > 1:
+        dist.all_reduce(x)
+        x /= world()[1]
+    return x[0]

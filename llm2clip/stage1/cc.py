@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.readers import DataConfig
-from ..distributed import init_from_env
+from ..distributed import global_mean, init_from_env
 from ..embedder import CaptionEmbedder, EmbedderConfig, load_backbone, resolve_device
 from ..errors import ConfigError
 from ..guards import apply_step, check_policy
@@ -97,8 +97,10 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
     seed_everything(seed + rank)
     groups = read_caption_groups(cfg.data, data_cfg)
     text_pairs = read_text_pairs(cfg.text_pairs) if cfg.text_pairs and cfg.translation_fraction > 0 else []
+    # Every rank draws the same global batch (batch_size x processes) and trains on its slice, so N
+    # processes at batch b see exactly what one process at batch N x b sees.
     sampler = PairSampler(groups, text_pairs, long_long=cfg.long_long_pairs,
-                          translation_fraction=cfg.translation_fraction, seed=seed * 1000 + rank, task_seed=seed)
+                          translation_fraction=cfg.translation_fraction, seed=seed * 1000, task_seed=seed)
 
     device = resolve_device(emb_cfg.device)
     if device.type == "cuda" and world_size > 1:
@@ -132,7 +134,7 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
 
     for step in tqdm(range(start, cfg.steps), desc="stage1 cc", disable=not progress or rank != 0, initial=start,
                      total=cfg.steps):
-        pairs = sampler.batch(cfg.batch_size)
+        pairs = sampler.batch(cfg.batch_size * world_size)[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
         # Queries and documents go through separately: they differ in kind (short vs long, English vs
         # Chinese), so one padded batch would be mostly padding.
         queries = model(**embedder.batch([x.query for x in pairs], instruction=pairs[0].instruction))  # [B, D]
@@ -153,8 +155,9 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
                 skipped += 1
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        if torch.isfinite(loss).all():
-            state.log(loss.item())
+        logged = global_mean(loss)  # the whole batch's loss, as one process would log it
+        if torch.isfinite(logged):
+            state.log(logged.item())
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             _checkpoint(cfg, seed, step + 1, embedder, None if cfg.deepspeed else optimizer, scheduler, sampler,
                         state, rank, world_size)

@@ -71,8 +71,9 @@ class PairSampler:
 
     def __init__(self, groups: list[CaptionGroup], text_pairs: list[tuple[str, str]], *, long_long: bool,
                  translation_fraction: float, seed: int, task_seed: int | None = None, text_pair_buckets: int = 4):
-        """`seed` draws the samples (differs per rank); `task_seed` draws each batch's kind and direction and
-        must be equal on every rank, because negatives are gathered across ranks."""
+        """`seed` draws the samples (the same on every rank: each trains on its slice of a global batch);
+        `task_seed` draws each batch's kind and direction and must be equal on every rank, because
+        negatives are gathered across ranks."""
         self.groups = groups
         self.rng = random.Random(seed)
         self.task_rng = random.Random(seed if task_seed is None else task_seed)

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..distributed import init_from_env
+from ..distributed import global_mean, init_from_env
 from ..errors import ConfigError
 from ..guards import apply_step, check_policy
 from ..losses import ClipLoss, SigLipLoss
@@ -220,7 +220,8 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
             scheduler.step()  # a skipped batch still uses up its step: the schedule stays a function of the step
             optimizer.zero_grad(set_to_none=True)
         model.clamp_logit_scale()
-        value = step_loss.item() if torch.isfinite(step_loss).all() else None  # JSON has no NaN
+        logged = global_mean(step_loss)  # the whole batch's loss, as one process would log it
+        value = logged.item() if torch.isfinite(logged) else None  # JSON has no NaN
         curve.append(value)
         terms.append({k: v.item() for k, v in parts.items()} if value is not None else {})
         seen += cfg.batch_size
