@@ -168,3 +168,30 @@ def _load_tower_weights(model: LlavaForCausalLM, path: Path, is_lora: bool) -> N
         _, unexpected = model.vision_tower.load_state_dict(state, strict=False)
         if unexpected:
             raise ConfigError(f"{file}: tower weights {unexpected[:3]} do not fit the tower at mm_vision_tower")
+
+
+def restore_trainables(model: LlavaForCausalLM, folder: str | Path) -> None:
+    """Load what `save_llava` wrote into `folder` back into a model being trained (resuming from a
+    Trainer checkpoint, whose weights are in LLaVA's layout rather than the Trainer's)."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    lm = model.language_model
+    if (folder / "mm_projector.safetensors").is_file():
+        load_projector(model.mm_projector, folder / "mm_projector.safetensors")
+    if isinstance(lm, PeftModel) and (folder / "adapter_model.safetensors").is_file():
+        set_peft_model_state_dict(lm, load_file(str(folder / "adapter_model.safetensors")))
+    elif not isinstance(lm, PeftModel) and list(folder.glob("model*.safetensors")):
+        state = {}
+        for shard in sorted(folder.glob("model*.safetensors")):
+            state.update(load_file(str(shard)))
+        unexpected = lm.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise ConfigError(f"{folder} holds LM weights this model does not have: {unexpected[:3]}")
+    extras = {}
+    for name in (f"{NON_LORA}.safetensors", "vision_tower.safetensors"):
+        if (folder / name).is_file():
+            extras.update({k.removeprefix("model."): v for k, v in load_file(str(folder / name)).items()})
+    if extras:
+        model.load_state_dict(extras, strict=False)

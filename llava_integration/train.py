@@ -18,7 +18,7 @@ import transformers
 from torch import nn
 
 from .arguments import DataArguments, ModelArguments, TrainingArguments, validate
-from .checkpoint import _load_lm, assemble, save_llava
+from .checkpoint import _load_lm, assemble, restore_trainables, save_llava
 from .data import DataCollator, LlavaDataset
 from .model import LlavaForCausalLM
 
@@ -148,6 +148,10 @@ class LlavaTrainer(transformers.Trainer):
         save_llava(self.model, self.processing_class, output_dir or self.args.output_dir,
                    projector_only=self.projector_only, is_main=self.args.should_save, state_dict=state_dict)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Our checkpoints hold LLaVA's layout (as save_model writes it), not the Trainer's."""
+        restore_trainables(self.model, resume_from_checkpoint)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Every rank joins: gathering ZeRO-3 partitions is collective."""
         if self.is_deepspeed_enabled and self.accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:
@@ -194,7 +198,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                            data_collator=DataCollator(tokenizer.pad_token_id),
                            projector_only=model_args.tune_mm_mlp_adapter)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # LLaVA's rule: a run whose output_dir holds checkpoints resumes from them
+    resume = training_args.resume_from_checkpoint or resumable_checkpoint(training_args.output_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     trainer.save_model()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -210,3 +216,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if training_args.should_save:
         Path(training_args.output_dir, "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def resumable_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest complete `checkpoint-N` in output_dir, or None. The Trainer writes trainer_state.json
+    last, so a folder without a readable one was cut short by a kill and is passed over."""
+    found = []
+    for folder in Path(output_dir).glob("checkpoint-*"):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            found.append((int(folder.name.split("-")[1]), folder))
+        except (OSError, ValueError, IndexError):
+            print(f"[llava] passing over incomplete checkpoint {folder}", flush=True)
+    return str(max(found)[1]) if found else None
