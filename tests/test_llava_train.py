@@ -89,6 +89,22 @@ def test_lora_wraps_only_the_llm_and_reloads_identically(pretrained, llava_parts
     files = {p.name for p in tmp_path.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "non_lora_trainables.bin",
             "non_lora_trainables.safetensors", "config.json"} <= files
+    # resuming (restore_trainables) puts the saved LoRA and projector weights back into a fresh model
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from llava_integration.checkpoint import restore_trainables
+
+    fresh, _ = build_model(model_args, training_args)
+    before = {k: v.clone() for k, v in get_peft_model_state_dict(fresh.language_model).items()}
+    restore_trainables(fresh, tmp_path)
+    lora = get_peft_model_state_dict(fresh.language_model)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert lora.keys() == saved.keys() and all(torch.equal(lora[k], saved[k]) for k in saved)
+    assert any(not torch.equal(before[k], saved[k]) for k in saved)  # it did change something
+    extras = load_file(str(tmp_path / "non_lora_trainables.safetensors"))
+    own = dict(fresh.named_parameters())
+    assert all(torch.equal(own[k.removeprefix("model.")], v) for k, v in extras.items())
 
 
 def _logits(model, tokenizer, image):
