@@ -184,6 +184,7 @@ def build_cache(cfg: CacheConfig, emb_cfg: EmbedderConfig, data_cfg: DataConfig 
     emb = embedder or CaptionEmbedder.load(emb_cfg)
     dtype = getattr(torch, cfg.dtype)
     next_part = len(list((out / "parts").glob(f"r{rank:03d}-*.safetensors")))
+    nonfinite = 0
     bar = tqdm(total=len(todo), desc="cache", unit="sample", disable=not progress or rank != 0)
     for start in range(0, len(todo), cfg.part_size):
         chunk = todo[start:start + cfg.part_size]
@@ -194,6 +195,16 @@ def build_cache(cfg: CacheConfig, emb_cfg: EmbedderConfig, data_cfg: DataConfig 
             vectors = torch.zeros(len(chunk), emb.dim, dtype=dtype)
             if present.any():
                 vectors[present] = emb.encode([t for t in texts if t is not None]).to(dtype)  # [n, D]
+            # NaN/inf (an overflow in the LLM, or in a float16 store) is never served: absent, counted
+            bad = present & ~torch.isfinite(vectors).all(dim=1)
+            for i in bad.nonzero().flatten().tolist():
+                if base.strict:
+                    raise DataError(f"{chunk[i].source}: the '{name}' embedding of key '{chunk[i].key}' is not finite "
+                                    f"(NaN/inf). Fix: embed in float32 or bfloat16 (embedder.dtype, cache.dtype), "
+                                    "or set data.strict=false to leave it out and count it")
+                nonfinite += 1
+                vectors[i] = 0
+            present &= ~bad
             tensors[name], tensors[f"{name}.present"] = vectors, present.to(torch.uint8)
         meta = {"keys": json.dumps([s.key for s in chunk]), "fingerprint": json.dumps(expected)}
         _atomic_write_bytes(out / "parts" / f"r{rank:03d}-{next_part:06d}.safetensors", save(tensors, meta))
@@ -204,8 +215,9 @@ def build_cache(cfg: CacheConfig, emb_cfg: EmbedderConfig, data_cfg: DataConfig 
     if rank == 0:
         index = write_index(out, expected, emb.dim, cfg)
         return {"reused": False, "num_keys": index["num_keys"], "dim": emb.dim, "fields": cfg.fields,
-                "embedded_now": len(todo), "skipped_samples": skipped, "truncated_texts": emb.stats["truncated"]}
-    return {"reused": False, "embedded_now": len(todo)}
+                "embedded_now": len(todo), "skipped_samples": skipped, "truncated_texts": emb.stats["truncated"],
+                "nonfinite_vectors": nonfinite}
+    return {"reused": False, "embedded_now": len(todo), "nonfinite_vectors": nonfinite}
 
 
 def _barrier(world_size: int) -> None:

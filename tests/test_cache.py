@@ -130,3 +130,33 @@ def test_two_ranks_split_the_work_and_cover_every_key_once(world, emb_cfg, tmp_p
     assert sorted(cache.keys) == sorted(single.keys) and sum(p["rows"] for p in index["parts"]) == len(single)
     torch.testing.assert_close(cache.lookup(single.keys, "short_caption").float(),
                                single.lookup(single.keys, "short_caption").float())
+
+
+class _OverflowingEmbedder:
+    """The real embedder, except that captions containing `word` come out as NaN (an fp16 overflow)."""
+
+    def __init__(self, emb_cfg, word: str):
+        self.inner, self.word = CaptionEmbedder.load(emb_cfg), word
+        self.dim, self.stats = self.inner.dim, self.inner.stats
+
+    def encode(self, texts):
+        out = self.inner.encode(texts).float().clone()
+        out[[i for i, t in enumerate(texts) if self.word in t]] = float("nan")
+        return out
+
+
+def test_non_finite_vectors_are_left_out_and_counted_or_named_in_strict_mode(world, emb_cfg, tmp_path):
+    rows = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()]
+    word = rows[0]["short_caption"].split()[-1]  # some short captions contain it
+    hit = [r["key"] for r in rows if word in r["short_caption"]]
+    cfg = replace(_cfg(world, tmp_path / "c"), data=[str(world / "train.jsonl")])
+    summary = build_cache(cfg, emb_cfg, progress=False, embedder=_OverflowingEmbedder(emb_cfg, word))
+    cache = EmbeddingCache.open(tmp_path / "c")
+    assert summary["nonfinite_vectors"] >= len(hit) > 0
+    assert not any(cache.has(k, "short_caption") for k in hit)
+    served = [k for k in cache.keys if cache.has(k, "long_caption")]
+    assert torch.isfinite(cache.lookup(served, "long_caption").float()).all()
+    strict = DataConfig(strict=True)
+    with pytest.raises(DataError, match=r"embedding of key '.+' is not finite"):
+        build_cache(replace(cfg, out=str(tmp_path / "s")), emb_cfg, strict, progress=False,
+                    embedder=_OverflowingEmbedder(emb_cfg, word))
