@@ -27,12 +27,12 @@ def _require_main_job(cfg) -> None:
 
 
 def _run(args) -> int:
-    from ..stage2.cli import _cfg
+    from ..config import load_config
     from ..stage2.runs import load_images
     from .evaluate import format_table, run_knowledge_eval
     from .train import model_is_current, run_concepts, run_knowledge_clip
 
-    cfg = _cfg(args)
+    cfg = load_config(args.config, args.overrides)  # validated before any work
     progress = not args.no_progress
     kc = cfg.knowledge_clip
     _require_main_job(cfg)
