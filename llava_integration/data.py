@@ -57,7 +57,11 @@ class LlavaDataset(Dataset):
         self.args, self.image_processor = args, image_processor
         self.template = get_template(version)
         self.folder = Path(args.image_folder or Path(args.data_path).parent)
-        raw = json.loads(Path(args.data_path).read_text(encoding="utf-8"))
+        try:
+            raw = json.loads(Path(args.data_path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:  # the whole file is unreadable: nothing to skip
+            raise DataError(f"{args.data_path} is not a valid UTF-8 JSON file ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0]}). Fix: repair or regenerate it") from None
         if not isinstance(raw, list):
             raise DataError(f"{args.data_path} must hold a JSON list of samples, got {type(raw).__name__}")
         raw = raw[: args.max_samples] if args.max_samples else raw

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -84,6 +85,24 @@ def _friendly(err: OmegaConfBaseException, origin: str) -> ConfigError:
     return ConfigError(f"{origin}: {str(err).splitlines()[0]}")
 
 
+def _mismatched_key(schema, loaded, prefix: str = "") -> str:
+    """The first key whose YAML container kind (mapping/list) differs from the schema's."""
+    from omegaconf import DictConfig, ListConfig
+
+    for key, value in loaded.items():
+        if key not in schema:
+            continue
+        want, name = schema[key] if not OmegaConf.is_missing(schema, key) else None, f"{prefix}{key}"
+        if isinstance(want, DictConfig) and isinstance(value, DictConfig):
+            found = _mismatched_key(want, value, name + ".")
+            if found != "?":
+                return found
+        elif isinstance(want, ListConfig | DictConfig) != isinstance(value, ListConfig | DictConfig) or (
+                isinstance(want, ListConfig) != isinstance(value, ListConfig)):
+            return name
+    return "?"
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
     """Schema defaults <- YAML file <- `key=value` overrides, validated. Raises ConfigError."""
     merged = OmegaConf.structured(Config)
@@ -100,6 +119,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as e:
             raise _friendly(e, str(path)) from None
+        except (TypeError, ValueError) as e:  # e.g. a mapping where the schema has a list
+            raise ConfigError(f"{path}: bad value for config key '{_mismatched_key(merged, loaded)}': "
+                              f"{str(e).splitlines()[0]} (valid keys and types: docs/CONFIG.md)") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value, e.g. synth.num_images=200")
@@ -107,6 +129,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _friendly(e, f"--set {item}") from None
+        except (TypeError, ValueError, yaml.YAMLError) as e:  # an unparsable value, or a mapping for a list
+            shown = item.encode("utf-8", "replace").decode()
+            key = shown.split("=", 1)[0]
+            raise ConfigError(f"--set {shown}: bad value for config key '{key}' ({str(e).splitlines()[0]})") from None
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:  # e.g. a missing '???' value or a broken ${interpolation}
