@@ -31,24 +31,14 @@ from pathlib import Path
 
 import torch
 from memory import proc_status_mib, settle  # benchmarks/memory.py (this folder is on sys.path)
+from models import save_random_llama
 
 VARIANTS = {"full": [], "lora_bf16": ["--lora_enable", "True"], "qlora": ["--lora_enable", "True", "--bits", "4"]}
 
 
 def build_llm(folder: Path, tokenizer_dir: Path, hidden: int, layers: int) -> dict:
     """Save a random Llama of the given size with the run's tokenizer; return its parameter counts."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llm2clip.tiny import tiny_llm_config
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = tiny_llm_config("llama", vocab_size=len(tokenizer), hidden_size=hidden, num_layers=layers,
-                             num_heads=max(1, hidden // 64), num_kv_heads=max(1, hidden // 64),
-                             intermediate_size=int(hidden * 8 / 3) // 64 * 64)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    model = save_random_llama(folder, tokenizer_dir, hidden, layers, causal_lm=True)
     total = sum(p.numel() for p in model.parameters())  # tied embeddings count once
     embed = sum({id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(),
                                                            model.get_output_embeddings())}.values())

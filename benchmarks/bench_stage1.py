@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from memory import proc_status_mib, settle  # benchmarks/memory.py (this folder is on sys.path)
+from models import save_random_llama
 
 
 def gemm_flops_per_s(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -39,18 +40,7 @@ def gemm_flops_per_s(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> flo
 
 def build_model(folder: Path, tokenizer_dir: Path, hidden: int, layers: int) -> int:
     """Save a random Llama of the given size with the shapes-world tokenizer; return non-embedding params."""
-    from transformers import AutoModel, AutoTokenizer
-
-    from llm2clip.tiny import tiny_llm_config
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = tiny_llm_config("llama", vocab_size=len(tokenizer), hidden_size=hidden, num_layers=layers,
-                             num_heads=max(1, hidden // 64), num_kv_heads=max(1, hidden // 64),
-                             intermediate_size=int(hidden * 8 / 3) // 64 * 64)
-    torch.manual_seed(0)
-    model = AutoModel.from_config(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    model = save_random_llama(folder, tokenizer_dir, hidden, layers)
     return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
 
 
