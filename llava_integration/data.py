@@ -75,13 +75,15 @@ class LlavaDataset(Dataset):
                 item = self._prepare(sample, index, tokenizer, model_max_length, num_image_tokens)
             except DataError as e:
                 if args.strict:
-                    raise
+                    raise DataError(f"{args.data_path}: {e}. Fix the sample, or drop --strict to skip and count "
+                                    "it") from None
                 self.skips.skip(e.args[0].split(":")[0] if ":" in e.args[0] else "bad sample", str(index))
                 continue
             if item is not None:
                 self.samples.append(item)
         if not self.samples:
-            raise DataError(f"no usable samples in {args.data_path}:\n{self.skips.summary()}")
+            raise DataError(f"no usable samples in {args.data_path} ({self.skips.brief()}). Fix: point --data_path "
+                            "at a LLaVA JSON list of samples (see docs/LLAVA.md)")
 
     def _prepare(self, sample: dict, index: int, tokenizer, max_length: int, image_tokens: int) -> dict | None:
         if not isinstance(sample, dict):

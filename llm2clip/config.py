@@ -21,7 +21,7 @@ from .cache import CacheConfig
 from .data.readers import DataConfig
 from .data.synth import SynthConfig
 from .embedder import EmbedderConfig, check_model_ref
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 from .knowledge.train import KnowledgeConfig
 from .stage1.cc import CCConfig
 from .stage1.mntp import MNTPConfig
@@ -73,28 +73,45 @@ def all_keys(sections: bool = False) -> list[str]:
     return _valid_keys(Config, "", sections)
 
 
-def _friendly(err: OmegaConfBaseException, origin: str) -> ConfigError:
-    key = err.full_key or "?"
+def _friendly(err: OmegaConfBaseException, origin: str, key: str = "?") -> ConfigError:
+    key = err.full_key or key
     if isinstance(err, ConfigKeyError):
         close = difflib.get_close_matches(key, all_keys(sections=True), n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        return ConfigError(f"{origin}: unknown config key '{key}'{hint} (valid keys are listed in docs/CONFIG.md)")
-    if isinstance(err, ValidationError):
-        first = str(err).splitlines()[0]
-        return ConfigError(f"{origin}: bad value for config key '{key}': {first}")
-    return ConfigError(f"{origin}: {str(err).splitlines()[0]}")
+        message = f"{origin}: unknown config key '{key}'{hint} (valid keys are listed in docs/CONFIG.md)"
+    elif isinstance(err, ValidationError):
+        message = f"{origin}: bad value for config key '{key}': {str(err).splitlines()[0]}"
+    else:
+        where = f"config key '{key}': " if key != "?" else ""
+        message = f"{origin}: {where}{str(err).splitlines()[0]}"
+    return ConfigError(one_line(message))  # keys and values are echoed: keep the message on one line
+
+
+def _yaml_error(path, err: Exception) -> ConfigError:
+    """PyYAML's multi-line report -> one line with the line and column."""
+    mark = getattr(err, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return ConfigError(f"{path}: not valid YAML{at}: {problem}. Fix the YAML syntax there")
 
 
 def _mismatched_key(schema, loaded, prefix: str = "") -> str:
-    """The first key whose YAML container kind (mapping/list) differs from the schema's."""
+    """The first key whose YAML container kind (mapping/list) differs from the schema's ('?' if none)."""
+    try:
+        return _first_mismatch(schema, loaded, prefix)
+    except OmegaConfBaseException:  # e.g. a broken ${interpolation} met on the way: the caller reports it
+        return "?"
+
+
+def _first_mismatch(schema, loaded, prefix: str) -> str:
     from omegaconf import DictConfig, ListConfig
 
-    for key, value in loaded.items():
+    for key, value in loaded.items_ex(resolve=False):  # resolving could raise on a broken ${...}
         if key not in schema:
             continue
         want, name = schema[key] if not OmegaConf.is_missing(schema, key) else None, f"{prefix}{key}"
         if isinstance(want, DictConfig) and isinstance(value, DictConfig):
-            found = _mismatched_key(want, value, name + ".")
+            found = _first_mismatch(want, value, name + ".")
             if found != "?":
                 return found
         elif isinstance(want, ListConfig | DictConfig) != isinstance(value, ListConfig | DictConfig) or (
@@ -112,32 +129,35 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         try:
             loaded = OmegaConf.load(path)
         except Exception as e:  # yaml.YAMLError and friends; report it as a config error, not a traceback
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise _yaml_error(path, e) from None
         if not isinstance(loaded, type(merged)):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, data:, ...)")
         try:
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as e:
-            raise _friendly(e, str(path)) from None
+            raise _friendly(e, str(path), _mismatched_key(merged, loaded)) from None
         except (TypeError, ValueError) as e:  # e.g. a mapping where the schema has a list
             raise ConfigError(f"{path}: bad value for config key '{_mismatched_key(merged, loaded)}': "
                               f"{str(e).splitlines()[0]} (valid keys and types: docs/CONFIG.md)") from None
     for item in overrides:
+        shown = one_line(item)  # an error message stays one readable line whatever was typed
         if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value, e.g. synth.num_images=200")
+            raise ConfigError(f"override '{shown}' must look like key=value, e.g. synth.num_images=200")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
-            raise _friendly(e, f"--set {item}") from None
-        except (TypeError, ValueError, yaml.YAMLError) as e:  # an unparsable value, or a mapping for a list
-            shown = item.encode("utf-8", "replace").decode()
+            raise _friendly(e, f"--set {shown}") from None
+        except (TypeError, ValueError, IndexError, yaml.YAMLError) as e:  # unparsable key/value, mapping for a list
             key = shown.split("=", 1)[0]
             raise ConfigError(f"--set {shown}: bad value for config key '{key}' ({str(e).splitlines()[0]})") from None
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:  # e.g. a missing '???' value or a broken ${interpolation}
         raise _friendly(e, str(path or "config")) from None
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as e:  # values are echoed in these messages: keep them on one line
+        raise ConfigError(one_line(f"{path}: {e}" if path is not None else str(e))) from None
     return cfg  # type: ignore[return-value]
 
 

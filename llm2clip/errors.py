@@ -11,3 +11,9 @@ class ConfigError(Llm2ClipError, ValueError):
 
 class DataError(Llm2ClipError, ValueError):
     """Bad input data under strict mode; the message names the file (and line or key) and the fix."""
+
+
+def one_line(text: str) -> str:
+    """Control characters and lone surrogates escaped ('\\n', '\\udcff'), everything else as typed: error
+    messages echo paths, keys and values from user data and must stay one readable line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

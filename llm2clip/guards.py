@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ConfigError, Llm2ClipError
+from .errors import ConfigError, DataError, Llm2ClipError
 
 POLICIES = ("stop", "skip")
 
@@ -25,6 +25,15 @@ def check_policy(key: str, policy: str, deepspeed: str | None) -> None:
     if policy == "skip" and deepspeed:
         raise ConfigError(f"{key}=skip is not supported under DeepSpeed (its engine owns the gradients); use "
                           "'stop', or run without deepspeed")
+
+
+def require_finite_vectors(vectors: torch.Tensor) -> None:
+    """LLM vectors [B, D] handed in from outside a training loop must be finite: a NaN row would come
+    back as NaN features, or as NaN labels in concept 0, without a word."""
+    bad = ~torch.isfinite(vectors).all(-1)  # [B]
+    if bad.any():
+        raise DataError(f"{int(bad.sum())} of {len(vectors)} LLM vectors hold NaN or inf. Fix: rebuild the "
+                        "embedding cache (it leaves such vectors out)")
 
 
 def all_finite(loss: torch.Tensor) -> bool:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .guards import require_finite_vectors
 
 MODEL_TYPE = "llm2clip"
 
@@ -113,15 +114,21 @@ class LLM2CLIP(nn.Module):
         """LLM vectors [B, D] (e.g. from the cache), or texts (encoded by the stage-1 embedder) -> [B, E]."""
         if not isinstance(text, torch.Tensor):
             text = self.embedder().encode(list(text)).to(self.visual_projection.weight.device)
-        if text.shape[-1] != self.llm_dim:
-            raise ConfigError(f"LLM vectors are {text.shape[-1]} wide but this model's adapter reads {self.llm_dim}; "
-                              "were they made by another LLM?")
-        features = self.text_adapter(text)
+        require_finite_vectors(text)
+        return self._text_features(text, normalize)
+
+    def _text_features(self, llm_vectors: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        if llm_vectors.shape[-1] != self.llm_dim:
+            raise ConfigError(f"LLM vectors are {llm_vectors.shape[-1]} wide but this model's adapter reads "
+                              f"{self.llm_dim}; were they made by another LLM?")
+        features = self.text_adapter(llm_vectors)  # [B, E]
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, pixel_values: torch.Tensor, llm_vectors: torch.Tensor):
-        """-> (image_features [B, E], text_features [B, E], logit_scale (exponentiated), logit_bias)."""
-        return (self.encode_image(pixel_values), self.encode_text(llm_vectors), self.logit_scale.exp(),
+        """-> (image_features [B, E], text_features [B, E], logit_scale (exponentiated), logit_bias).
+        The training path: no finiteness check (no host sync per step); a non-finite input shows up as a
+        non-finite loss, which the loop's guard stops or skips (`nonfinite`)."""
+        return (self.encode_image(pixel_values), self._text_features(llm_vectors), self.logit_scale.exp(),
                 self.logit_bias)
 
     def clamp_logit_scale(self) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, one_line
 from .images import ImageSkip, load_image
 
 FORMATS = ("auto", "jsonl", "csv", "webdataset", "imagefolder")
@@ -85,6 +85,11 @@ class SkipCounter:
             lines.append(f"  {n} x {reason}: {', '.join(self.where[reason])}{' ...' if n > self._keep else ''}")
         return "\n".join(lines)
 
+    def brief(self) -> str:
+        """The summary on one line, for error messages: 'read 3, skipped 2: 2 x bad conversation'."""
+        reasons = ", ".join(f"{n} x {reason}" for reason, n in sorted(self.counts.items()))
+        return f"read {self.read}, skipped {self.skipped}" + (f": {reasons}" if reasons else "")
+
 
 def expand_paths(pattern: str) -> list[str]:
     """Brace patterns ('a-{000..009}.tar'), globs, a file or a folder; only existing paths are kept."""
@@ -105,6 +110,19 @@ def detect_format(paths: list[str]) -> str:
             return fmt
     raise ConfigError(f"data.format: cannot tell the format of '{first}'; set data.format to one of "
                       f"{', '.join(FORMATS[1:])}")
+
+
+def _tar_end_problem(path: str) -> list[Exception]:
+    """tarfile (so webdataset) takes a shard cut short inside a header, or at a member boundary, for its
+    end. A whole shard ends with tar's end-of-archive marker, two zero blocks (padding after it is zeros
+    too), so its last 1 KiB is zero; a cut leaves a header or member bytes there. -> [the problem] or []."""
+    marker = 2 * 512
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(max(size - marker, 0))
+        if f.read() == bytes(marker):
+            return []
+    return [OSError(f"the last {marker} bytes are not tar's end-of-archive blocks: the shard was cut short")]
 
 
 class _Skip(Exception):
@@ -137,8 +155,8 @@ class CaptionReader:
     # -- shared ------------------------------------------------------------------------------------
     def _fail(self, reason: str, where: str, detail: str = "") -> None:
         if self.cfg.strict:
-            raise DataError(f"{where}: {reason}{': ' + detail if detail else ''}. Fix the sample, or set "
-                            "data.strict=false to skip and count it")
+            raise DataError(one_line(f"{where}: {reason}{': ' + detail if detail else ''}. Fix the sample, or "
+                                     "set data.strict=false to skip and count it"))
         self.stats.skip(reason, where)
 
     def _emit(self, build, where: str) -> Iterator[Sample]:
@@ -215,8 +233,11 @@ class CaptionReader:
                 yield from self._emit(build, where)
     def _csv(self, file: str) -> Iterator[Sample]:
         # surrogateescape keeps bad bytes visible as lone surrogates, so one bad row is skipped, not the file
-        text = Path(file).read_bytes().decode("utf-8", errors="surrogateescape")
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        text = Path(file).read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")  # Excel's BOM
+        # one field may be as long as the file: over-long captions are then counted by their own rule
+        csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+        # strict: an opening quote never closed is an error, not a caption swallowing the rest of the file
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
         try:
             header = reader.fieldnames or []
         except csv.Error as e:
@@ -283,6 +304,8 @@ class CaptionReader:
                 return self._from_fields(row, key, where, bytes(image))
 
             yield from self._emit(build, where)
+        if not broken and Path(shard).is_file():
+            broken += _tar_end_problem(shard)
         if broken:
             exn = broken[0]
             self._fail("corrupt shard", shard, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")

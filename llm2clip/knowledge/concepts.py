@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
+from ..guards import require_finite_vectors
 
 CENTROIDS, META = "concepts.safetensors", "concepts.json"
 
@@ -87,6 +88,7 @@ class Concepts:
         if vectors.shape[-1] != self.dim:
             raise ConfigError(f"LLM vectors are {vectors.shape[-1]} wide but the concepts were fit on {self.dim}-wide "
                               "ones (another LLM?). Fix: refit them with `llm2clip knowledge concepts --force`")
+        require_finite_vectors(vectors)
         return F.normalize(vectors.float() - self.center, dim=-1)
 
     def labels(self, vectors: torch.Tensor, temperature: float | None = None) -> torch.Tensor:

@@ -339,6 +339,8 @@ def build(root: Path) -> dict:
              "sys.argv)", None, ["data.path=caf\udce9"], where=["data.path"])
     c.config("config-override-unparsable-value", "--set data.path=[ (not YAML)", None, ["data.path=["],
              where=["data.path=["])
+    c.config("config-override-bad-key", "--set [=None (a key OmegaConf cannot parse; found by the fuzz)", None,
+             ["[=None"], where=["[=None"])
 
     # tensors: LLM vectors handed to the stage-2 adapter and to the knowledge concepts (fit on 24-wide)
     rng = np.random.default_rng(0)
