@@ -6,9 +6,12 @@ they differ from train.py's (select layer -2, mlp2x_gelu, LoRA r128/alpha256); u
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import transformers
+import yaml
 
 from llm2clip.errors import ConfigError
 
@@ -98,7 +101,31 @@ def validate(model_args: ModelArguments, data_args: DataArguments, training_args
         raise ConfigError("; ".join(problems))
 
 
+def expand_config(argv: list[str]) -> list[str]:
+    """`--config preset.yaml` -> the file's `flag: value` pairs as flags, placed first so that flags given
+    on the command line win (as in argparse, the last occurrence counts)."""
+    if "--config" not in argv:
+        return argv
+    at = argv.index("--config")
+    if at + 1 >= len(argv):
+        raise ConfigError("--config needs a YAML file, e.g. configs/llava/llava-1.5-7b_pretrain.yaml")
+    path, rest = Path(argv[at + 1]), argv[:at] + argv[at + 2:]
+    try:
+        preset = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config {path}: cannot read it as YAML ({type(e).__name__}). Fix the path or "
+                          "the file") from None
+    if not isinstance(preset, dict):
+        raise ConfigError(f"--config {path}: must hold a mapping of LLaVA flags (flag: value)")
+    flags: list[str] = []
+    for key, value in preset.items():
+        values = value if isinstance(value, list) else [value]
+        flags += [f"--{key}", *(str(v) for v in values)]
+    return flags + rest
+
+
 def parse(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    argv = expand_config(list(sys.argv[1:] if argv is None else argv))
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True)

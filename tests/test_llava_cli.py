@@ -69,3 +69,31 @@ def test_llava_integration_uses_only_public_llm2clip_names():
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llm2clip"):
                 private = [a.name for a in node.names if a.name.startswith("_")]
                 assert not private and "._" not in node.module, f"{path.name} imports {node.module}: {private}"
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-7b_pretrain", "llava-1.5-7b_finetune"])
+def test_gpu_presets_parse_and_validate_with_command_line_flags_winning(name):
+    from llava_integration.arguments import expand_config, validate
+
+    path = ROOT / f"configs/llava/{name}.yaml"
+    cpu = ["--use_cpu", "True"]  # bf16 on a machine without a GPU needs it (training_argv adds it there)
+    model_args, data_args, training_args = parse(["--config", str(path), "--learning_rate", "3e-4", *cpu])
+    validate(model_args, data_args, training_args)
+    assert model_args.model_name_or_path == "lmsys/vicuna-7b-v1.5" and training_args.bf16
+    assert model_args.vision_tower.endswith("/vision_tower") and model_args.attn_implementation == "sdpa"
+    assert training_args.learning_rate == 3e-4  # the command line wins over the preset
+    assert training_args.deepspeed.startswith("configs/deepspeed/") and (ROOT / training_args.deepspeed).is_file()
+    kind = "finetune" if "finetune" in name else "pretrain"
+    argv = preset.training_argv(kind, expand_config(["--config", str(path)]))
+    assert str(preset.run_dir()) not in " ".join(argv)  # a preset names its model and data: not the tiny one
+
+
+def test_a_bad_preset_file_is_a_one_line_config_error(tmp_path):
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    (tmp_path / "typo.yaml").write_text("lerning_rate: 1e-3\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        parse(["--config", str(tmp_path / "list.yaml")])
+    with pytest.raises(ConfigError, match=r"cannot read it as YAML \(FileNotFoundError\)"):
+        parse(["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(ConfigError, match=r"unknown arguments \[.--lerning_rate."):
+        parse(["--config", str(tmp_path / "typo.yaml")])
