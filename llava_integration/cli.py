@@ -19,9 +19,10 @@ from . import preset
 
 
 def _train(kind: str, argv: list[str]) -> dict:
-    from .arguments import parse
+    from .arguments import expand_config, parse
     from .train import train
 
+    argv = expand_config(argv)  # a --config preset's flags count as given: they decide tiny-or-not below
     if kind == "finetune" and preset.is_preset(argv) and "--pretrain_mm_mlp_adapter" not in " ".join(argv):
         tower = preset.tower_name(argv)
         if not (preset.output_dir("pretrain", tower) / "mm_projector.bin").is_file():
@@ -76,6 +77,16 @@ def _export(argv: list[str]) -> None:
     print(f"wrote {export_hf_llava(model, tokenizer, a.out)}")
 
 
+def leave_process_group() -> None:
+    """All ranks leave the group together: a rank exiting while another still holds gloo connections
+    can take that rank down with SIGABRT."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"pretrain", "finetune", "eval", "export", "compare"}
@@ -88,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in ("pretrain", "finetune"):
             _train(command, rest)
+            leave_process_group()
         elif command == "eval":
             _eval(rest)
         elif command == "export":

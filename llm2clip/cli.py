@@ -112,9 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .distributed import shutdown
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        shutdown()
+        return code
     except (Llm2ClipError, FileExistsError) as e:  # expected, actionable: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,14 +19,30 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+_OWN_GROUP = False  # True when init_from_env created the group, so shutdown() may destroy it
+
+
 def init_from_env() -> tuple[int, int]:
     """Join the process group torchrun / deepspeed set up through env vars; no-op when run alone."""
+    global _OWN_GROUP
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        _OWN_GROUP = True
     return world()
+
+
+def shutdown() -> None:
+    """Leave the group init_from_env created, together: a rank that exits while another still holds
+    gloo connections can take that rank down with SIGABRT ("terminate called without an active
+    exception"). Groups made by the caller are left alone."""
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _OWN_GROUP = False
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

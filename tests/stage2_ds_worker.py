@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llm2clip.distributed import shutdown
 from llm2clip.stage2.data import CaptionSampler
 from llm2clip.stage2.train import TrainConfig, train_contrastive
 from tests.test_stage2 import Vectors, _images, _model
@@ -25,6 +26,7 @@ def main(out: str, zero_config: str) -> None:
     summary = train_contrastive(model, Vectors(), _images(), sampler, cfg, name="ds", progress=False,
                                 device=torch.device("cpu"))
     print(json.dumps(summary))
+    shutdown()
 
 
 if __name__ == "__main__":
