@@ -7,6 +7,7 @@
     llm2clip stage2 pretrain-clip | finetune-clip | train | eval | all
     llm2clip run [--force]                                    the main job, end to end
     llm2clip export                                           vision tower + whole model
+    llm2clip convert released SRC --out DIR [--vision-out DIR] import a microsoft/LLM2CLIP-Openai-* folder
     llm2clip ablate online                                    cached vs live LLM embeddings
     llm2clip config show | keys                               print the resolved config / every key
 """
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--strict", action="store_true", help="stop at the first bad sample")
     inspect.set_defaults(func=_cmd_inspect)
 
+    from .convert import add_parser as add_convert
     from .knowledge.cli import add_parsers as add_knowledge
     from .stage1.cli import add_parser as add_stage1
     from .stage2.cli import add_parsers as add_stage2
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_stage1(groups, _add_config_args)
     add_stage2(groups, _add_config_args)
     add_knowledge(groups, _add_config_args)
+    add_convert(groups)
 
     config = groups.add_parser("config", help="show the resolved config or list its keys")
     config.add_argument("what", choices=("show", "keys"))
