@@ -47,6 +47,7 @@ class EmbedderConfig:
     batch_size: int = 32  # encode() batch size
     load_in_4bit: bool = False  # bitsandbytes nf4 with double quantisation (QLoRA)
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # read adapter_model.bin (torch.load(weights_only=True)) when no safetensors
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def validate(self) -> None:
@@ -63,7 +64,7 @@ class EmbedderConfig:
 
     def saved_fields(self) -> dict:
         """What changes the vectors, written beside the adapter (and into cache fingerprints)."""
-        skip = {"device", "batch_size", "trust_remote_code"}
+        skip = {"device", "batch_size", "trust_remote_code", "allow_pickle"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -147,15 +148,36 @@ def keep_4bit_trainable(model: nn.Module) -> None:
                 m.weight.data, m.weight.quant_state)
 
 
-def _adapter_keys_missing_from(model: nn.Module, adapter: str) -> list[str]:
-    """Adapter tensors that found no place in `model` (peft only warns about these)."""
+def adapter_weight_keys(adapter: str | Path, allow_pickle: bool = False) -> list[str]:
+    """Tensor names of a peft adapter folder, read before peft opens it. A folder with only
+    adapter_model.bin (a pickle: unpickling can run code) is refused unless `allow_pickle`; then it is
+    read with torch.load(weights_only=True), which rebuilds tensors only, so a crafted file fails here."""
     from safetensors import safe_open
 
-    weights = Path(adapter) / "adapter_model.safetensors"
-    if not weights.is_file():
-        return []
-    with safe_open(str(weights), framework="pt") as f:
-        saved = list(f.keys())
+    folder = Path(adapter)
+    if (folder / "adapter_model.safetensors").is_file():
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+            return list(f.keys())
+    pickled = folder / "adapter_model.bin"
+    if not pickled.is_file():
+        raise ConfigError(f"embedder.adapters: '{adapter}' holds no adapter_model.safetensors. Fix: point it at a "
+                          "peft adapter folder (adapter_config.json + adapter_model.safetensors)")
+    if not allow_pickle:
+        raise ConfigError(f"embedder.adapters: '{adapter}' holds only adapter_model.bin, a pickle (unpickling can "
+                          "run code). Fix: re-save it as safetensors (peft save_pretrained(safe_serialization=True)), "
+                          "or set embedder.allow_pickle=true to read it with torch.load(weights_only=True)")
+    try:
+        state = torch.load(str(pickled), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError and friends: a crafted or damaged file
+        raise ConfigError(f"embedder.adapters: {pickled} was refused by torch.load(weights_only=True) "
+                          f"({str(e).splitlines()[0][:200]}). Fix: get the adapter as safetensors") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"embedder.adapters: {pickled} is not a flat name -> tensor state dict")
+    return list(state)
+
+
+def _keys_missing_from(model: nn.Module, saved: Sequence[str]) -> list[str]:
+    """Adapter tensors that found no place in `model` (peft only warns about these)."""
     loaded = {k.replace(".default", "") for k in model.state_dict()}
     return [k for k in saved if k not in loaded]
 
@@ -186,7 +208,8 @@ def load_backbone(cfg: EmbedderConfig, device: torch.device | None = None):
         for p in model.parameters():
             if p.is_floating_point():
                 p.data = p.data.clone()
-    model = apply_adapters(model, cfg.model, cfg.adapters, merge=not cfg.load_in_4bit)
+    model = apply_adapters(model, cfg.model, cfg.adapters, merge=not cfg.load_in_4bit,
+                           allow_pickle=cfg.allow_pickle)
     tok_source = next((a for a in reversed(cfg.adapters) if (Path(a) / "tokenizer_config.json").is_file()),
                       cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=cfg.trust_remote_code)
@@ -198,21 +221,24 @@ def load_backbone(cfg: EmbedderConfig, device: torch.device | None = None):
     return model, tokenizer
 
 
-def apply_adapters(model: nn.Module, base_name: str, adapters: Sequence[str], merge: bool = True) -> nn.Module:
-    """Apply peft adapters in order. An adapter trained on another base model is refused by name."""
+def apply_adapters(model: nn.Module, base_name: str, adapters: Sequence[str], merge: bool = True,
+                   allow_pickle: bool = False) -> nn.Module:
+    """Apply peft adapters in order. An adapter trained on another base model is refused by name; a
+    pickled adapter (adapter_model.bin only) is refused unless `allow_pickle` (see adapter_weight_keys)."""
     from peft import PeftModel
 
     for adapter in adapters:
         config_file = Path(adapter) / "adapter_config.json"
         if not config_file.is_file():
             raise ConfigError(f"embedder.adapters: '{adapter}' is not a peft adapter folder (no adapter_config.json)")
+        saved = adapter_weight_keys(adapter, allow_pickle)  # before peft reads the file
         trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path")
         mismatch = f"adapter '{adapter}' (trained on '{trained_on}') does not fit base model '{base_name}'"
         try:
             model = PeftModel.from_pretrained(model, adapter)
         except (RuntimeError, ValueError, KeyError) as e:
             raise ConfigError(f"{mismatch}: {str(e).splitlines()[0][:300]}") from None
-        if missing := _adapter_keys_missing_from(model, adapter):
+        if missing := _keys_missing_from(model, saved):
             raise ConfigError(f"{mismatch}: {len(missing)} adapter tensors match no module, e.g. {missing[0]}")
         if merge:
             model = model.merge_and_unload()

@@ -88,3 +88,65 @@ def test_the_code_never_unpickles_and_keeps_remote_code_off_by_default():
         for k in node.keywords:
             if k.arg == "trust_remote_code":
                 assert not (isinstance(k.value, ast.Constant) and k.value.value is True), path
+
+
+class _Touch:
+    """Unpickling this would create `marker` through pathlib (no shell involved)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def _tiny_llama(folder: Path) -> Path:
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2)).save_pretrained(folder)
+    return folder
+
+
+def test_a_pickled_peft_adapter_needs_allow_pickle_and_is_read_weights_only(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from llm2clip.embedder import EmbedderConfig, apply_adapters
+    from llm2clip.errors import ConfigError
+
+    base, adapter = _tiny_llama(tmp_path / "base"), tmp_path / "adapter"
+    peft_model = get_peft_model(AutoModel.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for p in peft_model.parameters():  # non-zero LoRA so the merge visibly changes the weights
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    peft_model.save_pretrained(adapter, safe_serialization=False)
+    assert (adapter / "adapter_model.bin").is_file() and not (adapter / "adapter_model.safetensors").exists()
+    with pytest.raises(ConfigError, match=r"only adapter_model\.bin, a pickle .*embedder\.allow_pickle=true"):
+        apply_adapters(AutoModel.from_pretrained(base), str(base), [str(adapter)])
+    merged = apply_adapters(AutoModel.from_pretrained(base), str(base), [str(adapter)], allow_pickle=True)
+    want = peft_model.merge_and_unload().state_dict()
+    for name, tensor in merged.state_dict().items():
+        torch.testing.assert_close(tensor, want[name])
+    # the flag does not change the vectors, so it stays out of embedder_config.json and cache fingerprints
+    assert EmbedderConfig().allow_pickle is False and "allow_pickle" not in EmbedderConfig().saved_fields()
+
+
+def test_a_crafted_adapter_model_bin_never_runs(tmp_path):
+    import json
+
+    from llm2clip.embedder import CaptionEmbedder, EmbedderConfig
+    from llm2clip.errors import ConfigError
+
+    base, adapter, marker = _tiny_llama(tmp_path / "base"), tmp_path / "adapter", tmp_path / "pwned"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": str(base), "r": 4, "target_modules": ["q_proj"]}))
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps({"weight": _Touch(marker)}))
+    cfg = EmbedderConfig(model=str(base), adapters=[str(adapter)], device="cpu")
+    with pytest.raises(ConfigError, match=r"holds only adapter_model\.bin"):
+        CaptionEmbedder.load(cfg)
+    with pytest.raises(ConfigError, match=r"refused by torch\.load\(weights_only=True\)"):
+        CaptionEmbedder.load(EmbedderConfig(**{**cfg.__dict__, "allow_pickle": True}))
+    assert not marker.exists()
