@@ -77,7 +77,10 @@ def _weight_files(src: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
     for name, pickled in (("model.safetensors", False), ("pytorch_model.bin", True)):
         index = src / f"{name}.index.json"
         if index.is_file():
-            files = sorted({src / f for f in json.loads(index.read_text())["weight_map"].values()})
+            try:
+                files = sorted({src / f for f in json.loads(index.read_text())["weight_map"].values()})
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise _fail(f"{index}: not a weight index with a 'weight_map' ({e!r}). {_FIX}") from None
         elif (src / name).is_file():
             files = [src / name]
         else:

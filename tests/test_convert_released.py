@@ -142,6 +142,27 @@ def test_text_tower_leftovers_are_dropped_and_optional_keys_filled(released, tmp
     assert not LLM2CLIP.from_pretrained(out).text_adapter.proj.bias.any()
 
 
+def test_a_sharded_checkpoint_is_read_whole(released, tmp_path):
+    state, src = released.released_state(), tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(_config()))
+    shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    for i, (key, tensor) in enumerate(sorted(state.items())):
+        shards[sorted(shards)[i % 2]][key] = tensor
+    for name, part in shards.items():
+        save_file(part, str(src / name), metadata={"format": "pt"})
+    weight_map = {k: name for name, part in shards.items() for k in part}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model = LLM2CLIP.from_pretrained(convert_released_llm2clip(src, tmp_path / "out"))
+    pixels = _inputs()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(pixels, normalize=False), released.get_image_features(pixels),
+                                   atol=1e-5, rtol=1e-5)
+    (src / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"weight shard model-00002-of-00002\.safetensors .* is missing"):
+        convert_released_llm2clip(src, tmp_path / "out2")
+
+
 @pytest.mark.parametrize("change,message", [
     ("missing", r"released key 'text_adapter\.adaptor\.1\.fn\.3\.weight' is missing .*Fix:"),
     ("missing_vision", r"released key 'vision_model\.encoder\.layers\.1\.mlp\.fc2\.bias' is missing"),
