@@ -1,0 +1,241 @@
+"""The benchmark suite: every figure against its peer or reference, measured in this one run.
+
+    bash scripts/bench.sh                 # = python -m benchmarks; peers' venvs are made on first use
+    python -m benchmarks --quick          # small models and few texts: a smoke run of every row
+
+Rows: caption embedding vs llm2vec 0.2.3's LLM2Vec.encode; the stage-2 vision step vs open_clip 3.3.0's
+step (ViT-B-16); cached vs online stage 2; cached step time across LLM sizes; padding waste and cost by
+caption length; QLoRA vs bf16-LoRA memory (CC and LLaVA); data-pipeline images/s per worker. Writes
+runs/bench/bench.json (keys fixed by issue #8), runs/bench/bench_detail.json and PNG plots. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the benchmark scripts import each other by module name
+
+import rows  # noqa: E402
+import torch  # noqa: E402
+from peers import ROOT, ensure  # noqa: E402
+
+
+def run_peer(name: str, script: str, *args) -> dict:
+    python = ensure(name)
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": ""}
+    done = subprocess.run([str(python), str(HERE / script), *map(str, args)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} peer failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def encode_row(folder: Path, texts: list[str], batch: int, gemm: float, out: dict, notes: dict) -> None:
+    """Ours (round, then llm2vec's two rounds, then ours again, so drift falls on both) on the same
+    saved model, texts, batch, threads and bf16 autocast."""
+    n_params = rows.non_embedding_params(folder)
+    ours = rows.load_embedder(folder, batch_size=batch)
+    ours.encode(texts[:batch], batch_size=batch)  # warm-up
+    our_times = [rows.encode_round(ours, texts, batch)]
+    skip = notes.get("skip")
+    peer = None if skip else run_peer("llm2vec", "peer_llm2vec.py", folder, out["texts_file"], batch, 2)
+    our_times.append(rows.encode_round(ours, texts, batch))
+    real_tokens = sum(len(ids) for ids, _ in ours.tokenize_texts(texts))
+    t_ours = min(our_times)
+    detail = {"model_non_embedding_params": n_params, "texts": len(texts), "batch": batch, "real_tokens": real_tokens,
+              "ours_seconds": our_times, "ours_tokens_per_s": round(real_tokens / t_ours, 1),
+              "flops": "2*N per real token, N = non-embedding parameters"}
+    out["encode_mfu"] = round(100 * 2 * n_params * real_tokens / t_ours / gemm, 1)
+    if peer is None:
+        out["encode_vs_llm2vec"] = None
+    else:
+        t_peer = min(peer["seconds"])
+        ours_rows = ours.encode(texts[:4], batch_size=4)
+        cosine = torch.nn.functional.cosine_similarity(ours_rows, torch.tensor(peer["first_rows"]), dim=-1)
+        detail.update(llm2vec_seconds=peer["seconds"], llm2vec_real_tokens=peer["real_tokens"],
+                      llm2vec_tokens_per_s=round(peer["real_tokens"] / t_peer, 1),
+                      llm2vec_mfu=round(100 * 2 * n_params * peer["real_tokens"] / t_peer / gemm, 1),
+                      same_model_min_cosine=round(float(cosine.min()), 4))
+        out["encode_vs_llm2vec"] = round(detail["ours_tokens_per_s"] / detail["llm2vec_tokens_per_s"], 3)
+    out["detail"]["encode"] = detail
+    out["detail"]["padding"] = {**rows.padding_waste(ours, texts, batch),
+                                "cost_by_length": rows.cost_by_length(ours, n_params, gemm, batch)}
+    out["padding_waste"] = out["detail"]["padding"]["bucketed_percent"]
+
+
+def vision_row(quick: bool, batch: int, steps: int, gemm: float, out: dict, skip_peer: bool) -> None:
+    from llm2clip.model import LLM2CLIP, ModelConfig
+
+    torch.manual_seed(0)
+    vit = dict(hidden=256, layers=4, heads=4, image=64) if quick else {}
+    model = LLM2CLIP(rows.vision_model(**vit), 768, ModelConfig(embed_dim=512))
+    pixels, vectors = torch.randn(batch, 3, model.vision.config.image_size, model.vision.config.image_size), \
+        torch.randn(batch, 768)
+    step = rows.stage2_step(model, pixels, lambda: vectors)
+    ours = rows.time_step(step, steps)
+    peer = None if skip_peer or quick else run_peer("open_clip", "peer_open_clip.py", batch, steps)
+    ours_again = rows.time_step(step, steps, count_flops=False)  # after the peer: drift lands on both
+    t_ours = min(ours["seconds"], ours_again["seconds"])
+    detail = {"batch": batch, "ours_seconds": [ours["all_seconds"], ours_again["all_seconds"]],
+              "ours_images_per_s": round(batch / t_ours, 2), "ours_flops_per_step": ours["flops_per_step"],
+              "flops": "torch.utils.flop_counter.FlopCounterMode, one step (forward + backward)"}
+    out["vision_step_mfu"] = round(100 * ours["flops_per_step"] / t_ours / gemm, 1)
+    out["vision_step_vs_open_clip"] = None
+    if peer:
+        for kind in ("vision", "clip"):
+            detail[f"open_clip_{kind}_images_per_s"] = round(batch / peer[kind]["seconds"], 2)
+            detail[f"open_clip_{kind}_seconds"] = peer[kind]["all_seconds"]
+            rate = peer[kind]["flops_per_step"] / peer[kind]["seconds"]
+            detail[f"open_clip_{kind}_mfu"] = round(100 * rate / gemm, 1)
+        detail["open_clip_versions"] = peer["versions"]
+        out["vision_step_vs_open_clip"] = round(peer["vision"]["seconds"] / t_ours, 3)
+        detail["vs_open_clip_full_clip_step"] = round(peer["clip"]["seconds"] / t_ours, 3)
+    out["detail"]["vision_step"] = detail
+
+
+def stage2_llm_rows(tmp: Path, tokenizer_dir: Path, quick: bool, batch: int, steps: int, out: dict) -> None:
+    """Cached step time across LLM sizes (the LLM is not in the loop: flat) and online vs cached at
+    the largest, whose caption-embedding FLOPs are ~2x the vision step's, as in the paper's setting."""
+    from models import save_random_llama
+
+    from llm2clip.model import LLM2CLIP, ModelConfig
+    from llm2clip.stage2.data import Caption, LiveVectors
+
+    width, layer_counts = (256, (1, 2, 4)) if quick else (960, (4, 16, 32))
+    texts = rows.caption_texts(batch, 60, 140, seed=1)  # long captions: the ones LLM2CLIP adds
+    captions = [Caption("long_caption", t) for t in texts]
+    vision = rows.vision_model(**(dict(hidden=256, layers=4, heads=4, image=64) if quick else {}))
+    pixels = torch.randn(batch, 3, vision.config.image_size, vision.config.image_size)
+    cached_steps, sizes, online = [], [], None
+    for layers in layer_counts:
+        folder = tmp / f"llm{layers}"
+        llm = save_random_llama(folder, tokenizer_dir, width, layers)
+        sizes.append(sum(p.numel() for n, p in llm.named_parameters() if "embed_tokens" not in n))
+        del llm
+        embedder = rows.load_embedder(folder)
+        cache = embedder.encode(texts).to(torch.bfloat16)  # what the cache stores
+        model = LLM2CLIP(vision, width, ModelConfig(embed_dim=512))
+        cached_steps.append(rows.stage2_step(model, pixels, lambda v=cache: v.float()))
+        if layers == layer_counts[-1]:
+            live = LiveVectors(embedder)
+            online_step = rows.stage2_step(model, pixels, lambda live=live: live(None, captions))
+            online = rows.time_step(online_step, steps, count_flops=False)["seconds"]
+    for step in cached_steps:  # round-robin, so drift over the run lands on every size alike
+        step()
+    times: list[list[float]] = [[] for _ in cached_steps]
+    for _ in range(steps):
+        for i, step in enumerate(cached_steps):
+            start = time.perf_counter()
+            step()
+            times[i].append(time.perf_counter() - start)
+    cached = [sorted(t)[len(t) // 2] for t in times]
+    out["cached_vs_online"] = round(online / cached[-1], 3)
+    out["llm_size_flatness"] = round(max(cached) / min(cached), 3)
+    out["detail"]["stage2_llm"] = {"llm_width": width, "llm_layers": list(layer_counts), "non_embedding_params": sizes,
+                                   "cached_step_s": [round(c, 3) for c in cached], "online_step_s": round(online, 3),
+                                   "online_llm_params": sizes[-1], "batch": batch, "caption_words": "60-140"}
+
+
+def memory_rows(tmp: Path, texts: list[str], quick: bool, size: str, out: dict) -> None:
+    """QLoRA over bf16-LoRA peak step memory, CC fine-tuning and LLaVA fine-tuning, each variant in a
+    fresh subprocess (benchmarks/bench_stage1.py and bench_llava.py)."""
+    import bench_stage1
+    from models import save_random_llama
+
+    hidden, layers = map(int, size.split("x"))
+    folder = tmp / f"mem-{size}"
+    save_random_llama(folder, tmp / "data/tokenizer", hidden, layers)
+    cc = bench_stage1.bench_memory(folder, texts, 1 if quick else 4)
+    out["qlora_memory_ratio_cc"] = cc["qlora_over_lora_step_peak_mib"]
+    out["detail"]["memory_cc"] = {"model": size, **cc}
+    import shutil
+
+    shutil.rmtree(folder)  # a 1.1B checkpoint is 4.4 GB
+    if not (ROOT / "runs/tiny/vision_tower/config.json").is_file():
+        out["qlora_memory_ratio_llava"] = None
+        out["notes"]["qlora_memory_ratio_llava"] = "needs the main job's run: bash scripts/train_llm2clip.sh"
+        return
+    llava_json = tmp / "llava.json"
+    cmd = [sys.executable, str(HERE / "bench_llava.py"), "--memory-only", "--memory-sizes", size, "--batch", "1",
+           "--memory-steps", "1" if quick else "2", "--out", str(llava_json)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0 or "qlora_over_lora_step_peak_mib" not in json.loads(llava_json.read_text())["memory"][0]:
+        out["qlora_memory_ratio_llava"] = None
+        out["notes"]["qlora_memory_ratio_llava"] = f"LLaVA memory run failed: {done.stderr.strip()[-300:]}"
+        return
+    entry = json.loads(llava_json.read_text())["memory"][0]
+    out["qlora_memory_ratio_llava"] = entry["qlora_over_lora_step_peak_mib"]
+    out["detail"]["memory_llava"] = entry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small models, 64 texts: a smoke run of every row")
+    parser.add_argument("--texts", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps per side")
+    parser.add_argument("--memory-size", default="2048x22", help="hidden x layers of the QLoRA/LoRA memory model")
+    parser.add_argument("--no-peers", action="store_true", help="skip llm2vec/open_clip (their ratios become null)")
+    parser.add_argument("--rows", default="encode,vision,stage2,memory,data")
+    parser.add_argument("--out", default="runs/bench")
+    args = parser.parse_args()
+    if args.quick:
+        args.texts, args.steps, args.memory_size = 64, 1, "256x2"
+    torch.set_num_threads(2)
+    from plots import plot, print_table
+
+    from llm2clip.data.synth import SynthConfig, synthesize
+
+    out_dir = ROOT / args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result: dict = {"notes": {}, "detail": {"threads": torch.get_num_threads(), "torch": torch.__version__}}
+    result["gemm_bf16_gflops"] = round(rows.gemm_flops_per_s() / 1e9, 1)
+    gemm = result["gemm_bf16_gflops"] * 1e9
+    wanted = set(args.rows.split(","))
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        synthesize(SynthConfig(num_images=40), tmp / "data", progress=False)  # the shapes-world tokenizer
+        texts = rows.caption_texts(args.texts)
+        result["texts_file"] = str(tmp / "texts.json")
+        Path(result["texts_file"]).write_text(json.dumps(texts))
+        if "encode" in wanted:
+            from models import save_random_llama
+
+            hidden, layers = (256, 2) if args.quick else (768, 12)  # 768 x 12: ~85M non-embedding parameters
+            save_random_llama(tmp / "llm", tmp / "data/tokenizer", hidden, layers)
+            encode_row(tmp / "llm", texts, args.batch, gemm, result, {"skip": args.no_peers})
+            print(f"[bench] encode done at {time.perf_counter() - started:.0f} s", flush=True)
+        if "vision" in wanted:
+            vision_row(args.quick, args.batch, args.steps, gemm, result, args.no_peers)
+            print(f"[bench] vision done at {time.perf_counter() - started:.0f} s", flush=True)
+        if "stage2" in wanted:
+            stage2_llm_rows(tmp, tmp / "data/tokenizer", args.quick, args.batch, args.steps, result)
+            print(f"[bench] stage 2 done at {time.perf_counter() - started:.0f} s", flush=True)
+        if "memory" in wanted:
+            memory_rows(tmp, texts, args.quick, args.memory_size, result)
+            print(f"[bench] memory done at {time.perf_counter() - started:.0f} s", flush=True)
+        if "data" in wanted:
+            result["detail"]["data_pipeline"] = rows.data_pipeline()
+    del result["texts_file"]
+    for key in ("encode_vs_llm2vec", "vision_step_vs_open_clip"):
+        if key in result and result[key] is None:  # --quick compares no open_clip step: its ViT is smaller
+            result["notes"].setdefault(key, "peer skipped (--no-peers, or --quick for the vision step)")
+    result["detail"]["wall_s"] = round(time.perf_counter() - started)
+    detail = result.pop("detail")
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / "bench_detail.json").write_text(json.dumps(detail, indent=1) + "\n")
+    print_table(result, detail)
+    plot(result, detail, out_dir)
+
+
+if __name__ == "__main__":
+    main()
