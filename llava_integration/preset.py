@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from llm2clip.errors import ConfigError
+from llm2clip.precision import bf16_pays
 
 from .evaluate import TYPES
 
@@ -75,7 +76,8 @@ def output_dir(kind: str, tower: str) -> Path:
 def training_argv(kind: str, argv: list[str]) -> list[str]:
     full = list(RECIPES[kind])
     if not torch.cuda.is_available():
-        full += ["--use_cpu", "True"]
+        # bf16 only where it is the fast path: an AVX2-only CPU emulates it several times slower than fp32
+        full += ["--use_cpu", "True", "--bf16", str(bf16_pays("cpu"))]
     if is_preset(argv):
         run, tower = run_dir(), tower_name(argv)
         split = "pretrain" if kind == "pretrain" else "instruct"

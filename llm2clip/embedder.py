@@ -23,6 +23,7 @@ from tqdm import tqdm
 from . import instructions
 from .errors import ConfigError
 from .pooling import POOLING_MODES, pool
+from .precision import bf16_autocast
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "embedder_config.json"
@@ -322,8 +323,7 @@ class CaptionEmbedder(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------
     def _autocast(self):
-        enabled = self.cfg.autocast and self.device.type in ("cpu", "cuda")
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return bf16_autocast(self.device, enabled=self.cfg.autocast and self.device.type in ("cpu", "cuda"))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
         """[B, T] ids -> [B, D] float32 embeddings (not normalised)."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..eval import encode_in_batches, evaluate_retrieval
+from ..precision import bf16_autocast
 from .attributes import ATTRIBUTES, CLASSES, attribute_labels, class_embeddings, label_array, linear_probe, zero_shot
 
 MODELS = ("clip_pretrained", "clip_finetuned", "knowledge_clip", "llm2clip")
@@ -119,7 +120,7 @@ def run_knowledge_eval(cfg, progress: bool = True, train_images=None, models: tu
     results = {m: {} for m in ("attribute_probe", "zero_shot", "cra", "cra_views", "retrieval")}
     for name in names:
         model, pooled, encode_image, encode_texts, retrieval = _model_entry(cfg, name, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with bf16_autocast(device):
             feats = {s: encode_in_batches(pooled, images.pixels, cfg.stage2.eval_batch_size).numpy()
                      for s, images in splits.items()}  # [N, W] per split
             test_images = encode_in_batches(encode_image, splits["test"].pixels, cfg.stage2.eval_batch_size)

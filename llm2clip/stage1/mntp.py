@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ..embedder import EmbedderConfig, resolve_device
 from ..errors import ConfigError
+from ..precision import bf16_autocast
 from .common import TrainState, atomic_dir, make_optimizer, seed_everything
 from .lora import LoraSettings, add_lora
 
@@ -84,7 +85,7 @@ def train_mntp(cfg: MNTPConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress
     for _ in tqdm(range(cfg.steps), desc="stage1 mntp", disable=not progress):
         idx = torch.randint(len(encoded), (cfg.batch_size,), generator=generator).tolist()
         batch = collator([{"input_ids": encoded[i]} for i in idx])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=emb_cfg.autocast):
+        with bf16_autocast(device, enabled=emb_cfg.autocast):
             logits = lm(input_ids=batch["input_ids"].to(device),
                         attention_mask=batch["attention_mask"].to(device)).logits
         loss = mntp_loss(logits, batch["labels"].to(device))

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..embedder import resolve_device
 from ..errors import ConfigError
+from ..precision import bf16_autocast
 from ..tiny import LLM_FAMILIES, tiny_llm_config
 from .common import TrainState, atomic_dir, make_optimizer, seed_everything
 
@@ -87,7 +88,7 @@ def pretrain_lm(cfg: PretrainLMConfig, seed: int = 0, progress: bool = True) -> 
             order = torch.randperm(len(blocks), generator=generator)
         idx = order[start:start + cfg.batch_size]
         batch = blocks[idx].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with bf16_autocast(device):
             loss = model(input_ids=batch, labels=batch).loss  # HF shifts labels for causal LM
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -15,6 +15,7 @@ import torch
 from ..baseline import BaselineCLIP
 from ..eval import evaluate_retrieval
 from ..model import LLM2CLIP
+from ..precision import bf16_autocast
 from .data import CachedVectors, LiveVectors
 from .runs import load_images, model_folder, pretrained_clip_folder, processor_for
 
@@ -94,7 +95,7 @@ def run_eval(cfg, progress: bool = True, models: tuple[str, ...] = ("clip_pretra
                  "clip_finetuned": (model_folder(stage2.clip_finetune) / "config.json").is_file(),
                  "llm2clip": (model_folder(stage2.llm2clip) / "config.json").is_file()}
     retrieval, features = {}, {}
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    with bf16_autocast(device):
         for name in models:
             if available[name]:
                 encode_images, encode_texts = loaders[name]()

@@ -28,6 +28,7 @@ from ..distributed import global_mean, init_from_env
 from ..errors import ConfigError
 from ..guards import apply_step, check_policy
 from ..losses import ClipLoss, SigLipLoss
+from ..precision import bf16_autocast
 from .data import CaptionSampler, ImageSet, batch_indices
 
 
@@ -202,7 +203,7 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
         idx, captions = batch[rank * b:(rank + 1) * b], chosen[rank * b:(rank + 1) * b]
         keys = [images.keys[i] for i in idx]
         pixels, text_in = images.pixels[idx].to(device), _to(text_side(keys, captions), device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with bf16_autocast(device, enabled=cfg.precision == "bf16"):
             if cfg.deepspeed:
                 step_loss, parts = _objective(loss_fn, weights, engine(pixels, text_in))
                 engine.backward(step_loss)
