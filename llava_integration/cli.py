@@ -77,6 +77,13 @@ def _export(argv: list[str]) -> None:
     print(f"wrote {export_hf_llava(model, tokenizer, a.out)}")
 
 
+def command_first(argv: list[str]) -> list[str]:
+    """The deepspeed launcher puts --local_rank=N before the command; HF's TrainingArguments takes it after."""
+    if argv and argv[0].startswith(("--local_rank=", "--local-rank=")):
+        return argv[1:2] + argv[:1] + argv[2:]
+    return argv
+
+
 def leave_process_group() -> None:
     """All ranks leave the group together: a rank exiting while another still holds gloo connections
     can take that rank down with SIGABRT."""
@@ -88,7 +95,7 @@ def leave_process_group() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = command_first(list(sys.argv[1:] if argv is None else argv))
     commands = {"pretrain", "finetune", "eval", "export", "compare"}
     if not argv or argv[0] not in commands:
         print(f"usage: python -m llava_integration {{{','.join(sorted(commands))}}} [flags]; "

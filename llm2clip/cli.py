@@ -77,6 +77,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm2clip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The deepspeed launcher passes --local_rank=N before the subcommand; the rank is read from the env.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     groups = parser.add_subparsers(dest="group", required=True)
 
     data = groups.add_parser("data", help="generate and read datasets").add_subparsers(dest="cmd", required=True)

@@ -97,3 +97,30 @@ def test_a_bad_preset_file_is_a_one_line_config_error(tmp_path):
         parse(["--config", str(tmp_path / "missing.yaml")])
     with pytest.raises(ConfigError, match=r"unknown arguments \[.--lerning_rate."):
         parse(["--config", str(tmp_path / "typo.yaml")])
+
+
+def test_deepspeed_launcher_local_rank_is_accepted_by_both_clis(monkeypatch):
+    """`deepspeed --module X` runs `python -m X --local_rank=N <command> ...`."""
+    from llava_integration.cli import command_first
+    from llm2clip.cli import build_parser
+
+    assert command_first(["--local_rank=1", "finetune", "--bf16", "True"]) == ["finetune", "--local_rank=1", "--bf16",
+                                                                                "True"]
+    assert command_first(["finetune", "--x"]) == ["finetune", "--x"]
+    flags = command_first(["--local_rank=0", "finetune"])[1:]
+    _, _, training_args = parse(["--model_name_or_path", "/m", "--data_path", "/d.json", "--vision_tower", "clip",
+                                 "--output_dir", "/o", "--use_cpu", "True", *flags])
+    assert training_args.local_rank == 0
+    args = build_parser().parse_args(["--local_rank=1", "config", "keys"])
+    assert args.local_rank == 1 and args.group == "config"
+
+
+def test_the_cpu_preset_uses_bf16_only_where_this_cpu_runs_it_natively(monkeypatch):
+    from llm2clip import precision
+
+    for fast in (True, False):
+        monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda fast=fast: fast)
+        argv = preset.training_argv("pretrain", ["--model_name_or_path", "/m", "--data_path", "/d.json"])
+        if "--use_cpu" in argv:  # no GPU: the CPU preset decides, after the recipe's --bf16 True
+            assert argv[argv.index("--use_cpu") + 2:argv.index("--use_cpu") + 4] == ["--bf16", str(fast)]
+            assert parse([*argv, "--vision_tower", "clip", "--output_dir", "/o"])[2].bf16 is fast
