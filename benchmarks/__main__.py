@@ -27,9 +27,12 @@ import rows  # noqa: E402
 import torch  # noqa: E402
 from peers import ROOT, ensure  # noqa: E402
 
+COMPUTE = {"dtype": "bf16"}  # set in main(): both sides of every pair run in this precision
+
 
 def run_peer(name: str, script: str, *args) -> dict:
     python = ensure(name)
+    args = (*args, COMPUTE["dtype"])
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": ""}
     done = subprocess.run([str(python), str(HERE / script), *map(str, args)], capture_output=True, text=True, env=env)
@@ -39,15 +42,14 @@ def run_peer(name: str, script: str, *args) -> dict:
 
 
 def encode_row(folder: Path, texts: list[str], batch: int, gemm: float, out: dict, notes: dict) -> None:
-    """Ours (round, then llm2vec's two rounds, then ours again, so drift falls on both) on the same
-    saved model, texts, batch, threads and bf16 autocast."""
+    """One timed round of all texts per side (ours, then llm2vec's), after a warm-up batch, on the same
+    saved model, texts, batch, threads and precision."""
     n_params = rows.non_embedding_params(folder)
     ours = rows.load_embedder(folder, batch_size=batch)
     ours.encode(texts[:batch], batch_size=batch)  # warm-up
     our_times = [rows.encode_round(ours, texts, batch)]
     skip = notes.get("skip")
-    peer = None if skip else run_peer("llm2vec", "peer_llm2vec.py", folder, out["texts_file"], batch, 2)
-    our_times.append(rows.encode_round(ours, texts, batch))
+    peer = None if skip else run_peer("llm2vec", "peer_llm2vec.py", folder, out["texts_file"], batch, 1)
     real_tokens = sum(len(ids) for ids, _ in ours.tokenize_texts(texts))
     t_ours = min(our_times)
     detail = {"model_non_embedding_params": n_params, "texts": len(texts), "batch": batch, "real_tokens": real_tokens,
@@ -82,9 +84,8 @@ def vision_row(quick: bool, batch: int, steps: int, gemm: float, out: dict, skip
     step = rows.stage2_step(model, pixels, lambda: vectors)
     ours = rows.time_step(step, steps)
     peer = None if skip_peer or quick else run_peer("open_clip", "peer_open_clip.py", batch, steps)
-    ours_again = rows.time_step(step, steps, count_flops=False)  # after the peer: drift lands on both
-    t_ours = min(ours["seconds"], ours_again["seconds"])
-    detail = {"batch": batch, "ours_seconds": [ours["all_seconds"], ours_again["all_seconds"]],
+    t_ours = ours["seconds"]
+    detail = {"batch": batch, "ours_seconds": ours["all_seconds"],
               "ours_images_per_s": round(batch / t_ours, 2), "ours_flops_per_step": ours["flops_per_step"],
               "flops": "torch.utils.flop_counter.FlopCounterMode, one step (forward + backward)"}
     out["vision_step_mfu"] = round(100 * ours["flops_per_step"] / t_ours / gemm, 1)
@@ -101,7 +102,8 @@ def vision_row(quick: bool, batch: int, steps: int, gemm: float, out: dict, skip
     out["detail"]["vision_step"] = detail
 
 
-def stage2_llm_rows(tmp: Path, tokenizer_dir: Path, quick: bool, batch: int, steps: int, out: dict) -> None:
+def stage2_llm_rows(tmp: Path, tokenizer_dir: Path, quick: bool, batch: int, steps: int, out: dict,
+                    words: tuple[int, int] = (60, 140)) -> None:
     """Cached step time across LLM sizes (the LLM is not in the loop: flat) and online vs cached at
     the largest, whose caption-embedding FLOPs are ~2x the vision step's, as in the paper's setting."""
     from models import save_random_llama
@@ -110,7 +112,7 @@ def stage2_llm_rows(tmp: Path, tokenizer_dir: Path, quick: bool, batch: int, ste
     from llm2clip.stage2.data import Caption, LiveVectors
 
     width, layer_counts = (256, (1, 2, 4)) if quick else (960, (4, 16, 32))
-    texts = rows.caption_texts(batch, 60, 140, seed=1)  # long captions: the ones LLM2CLIP adds
+    texts = rows.caption_texts(batch, *words, seed=1)  # long captions: the ones LLM2CLIP adds
     captions = [Caption("long_caption", t) for t in texts]
     vision = rows.vision_model(**(dict(hidden=256, layers=4, heads=4, image=64) if quick else {}))
     pixels = torch.randn(batch, 3, vision.config.image_size, vision.config.image_size)
@@ -127,7 +129,7 @@ def stage2_llm_rows(tmp: Path, tokenizer_dir: Path, quick: bool, batch: int, ste
         if layers == layer_counts[-1]:
             live = LiveVectors(embedder)
             online_step = rows.stage2_step(model, pixels, lambda live=live: live(None, captions))
-            online = rows.time_step(online_step, steps, count_flops=False)["seconds"]
+            online = rows.time_step(online_step, 1, count_flops=False)["seconds"]
     for step in cached_steps:  # round-robin, so drift over the run lands on every size alike
         step()
     times: list[list[float]] = [[] for _ in cached_steps]
@@ -139,9 +141,11 @@ def stage2_llm_rows(tmp: Path, tokenizer_dir: Path, quick: bool, batch: int, ste
     cached = [sorted(t)[len(t) // 2] for t in times]
     out["cached_vs_online"] = round(online / cached[-1], 3)
     out["llm_size_flatness"] = round(max(cached) / min(cached), 3)
+    tokens = sum(len(ids) for ids, _ in embedder.tokenize_texts(texts)) / len(texts)
     out["detail"]["stage2_llm"] = {"llm_width": width, "llm_layers": list(layer_counts), "non_embedding_params": sizes,
                                    "cached_step_s": [round(c, 3) for c in cached], "online_step_s": round(online, 3),
-                                   "online_llm_params": sizes[-1], "batch": batch, "caption_words": "60-140"}
+                                   "online_llm_params": sizes[-1], "batch": batch,
+                                   "caption_tokens_mean": round(tokens, 1), "caption_words": f"{words[0]}-{words[1]}"}
 
 
 def memory_rows(tmp: Path, texts: list[str], quick: bool, size: str, out: dict) -> None:
@@ -153,7 +157,7 @@ def memory_rows(tmp: Path, texts: list[str], quick: bool, size: str, out: dict) 
     hidden, layers = map(int, size.split("x"))
     folder = tmp / f"mem-{size}"
     save_random_llama(folder, tmp / "data/tokenizer", hidden, layers)
-    cc = bench_stage1.bench_memory(folder, texts, 1 if quick else 4)
+    cc = bench_stage1.bench_memory(folder, texts, 1)  # one pair: weights, not activations, set the peak
     out["qlora_memory_ratio_cc"] = cc["qlora_over_lora_step_peak_mib"]
     out["detail"]["memory_cc"] = {"model": size, **cc}
     import shutil
@@ -165,7 +169,7 @@ def memory_rows(tmp: Path, texts: list[str], quick: bool, size: str, out: dict) 
         return
     llava_json = tmp / "llava.json"
     cmd = [sys.executable, str(HERE / "bench_llava.py"), "--memory-only", "--memory-sizes", size, "--batch", "1",
-           "--memory-steps", "1" if quick else "2", "--out", str(llava_json)]
+           "--memory-steps", "1", "--out", str(llava_json)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0 or "qlora_over_lora_step_peak_mib" not in json.loads(llava_json.read_text())["memory"][0]:
         out["qlora_memory_ratio_llava"] = None
@@ -181,7 +185,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small models, 64 texts: a smoke run of every row")
     parser.add_argument("--texts", type=int, default=512)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps per side")
+    parser.add_argument("--steps", type=int, default=2, help="timed training steps per side")
+    parser.add_argument("--stage2-batch", type=int, default=8, help="batch of the cached/online and LLM-size rows")
+    parser.add_argument("--stage2-steps", type=int, help="timed cached steps per LLM size (default: --steps)")
+    parser.add_argument("--stage2-caption-words", default="60-140", help="caption length range of the online row")
     parser.add_argument("--memory-size", default="2048x22", help="hidden x layers of the QLoRA/LoRA memory model")
     parser.add_argument("--no-peers", action="store_true", help="skip llm2vec/open_clip (their ratios become null)")
     parser.add_argument("--rows", default="encode,vision,stage2,memory,data")
@@ -198,8 +205,21 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result: dict = {"notes": {}, "detail": {"threads": torch.get_num_threads(), "torch": torch.__version__}}
-    result["gemm_bf16_gflops"] = round(rows.gemm_flops_per_s() / 1e9, 1)
-    gemm = result["gemm_bf16_gflops"] * 1e9
+    from llm2clip.precision import bf16_pays
+
+    # bf16 autocast where this CPU runs it natively (AVX512-BF16/AMX); on an AVX2-only CPU PyTorch emulates
+    # bf16 far below fp32, so both sides of every pair run fp32 and MFU is against the fp32 GEMM
+    COMPUTE["dtype"] = "bf16" if bf16_pays("cpu") else "fp32"
+    result["gemm_bf16_gflops"] = round(rows.gemm_flops_per_s(torch.bfloat16, repeats=3) / 1e9, 1)
+    fp32_gflops = round(rows.gemm_flops_per_s(torch.float32) / 1e9, 1)
+    gemm = (result["gemm_bf16_gflops"] if COMPUTE["dtype"] == "bf16" else fp32_gflops) * 1e9
+    result["detail"].update(compute_dtype=COMPUTE["dtype"], gemm_fp32_gflops=fp32_gflops,
+                            cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                            mfu_reference=f"median 2048^3 {COMPUTE['dtype']} torch.matmul in this run")
+    if COMPUTE["dtype"] == "fp32":
+        result["notes"]["compute_dtype"] = (f"no native bf16 on this CPU ({result['detail']['cpu_capability']}; bf16 "
+                                            f"GEMM {result['gemm_bf16_gflops']} vs fp32 {fp32_gflops} GFLOP/s): "
+                                            "both sides of every pair ran fp32, MFU is against the fp32 GEMM")
     wanted = set(args.rows.split(","))
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -218,9 +238,17 @@ def main() -> None:
             vision_row(args.quick, args.batch, args.steps, gemm, result, args.no_peers)
             print(f"[bench] vision done at {time.perf_counter() - started:.0f} s", flush=True)
         if "stage2" in wanted:
-            stage2_llm_rows(tmp, tmp / "data/tokenizer", args.quick, args.batch, args.steps, result)
+            words = tuple(map(int, args.stage2_caption_words.split("-")))
+            stage2_llm_rows(tmp, tmp / "data/tokenizer", args.quick, args.stage2_batch, args.stage2_steps or args.steps,
+                            result, words)
             print(f"[bench] stage 2 done at {time.perf_counter() - started:.0f} s", flush=True)
-        if "memory" in wanted:
+        if "memory" in wanted and COMPUTE["dtype"] == "fp32" and not args.quick:
+            # the bf16-LoRA baseline computes in bf16, which this CPU emulates (its backward mm ran at
+            # 0.28 GFLOP/s): one 1.1B step would outlast the whole suite
+            why = "bf16-LoRA baseline needs bf16 compute, which this CPU emulates; run on an AVX512-BF16/AMX CPU or GPU"
+            result.update(qlora_memory_ratio_cc=None, qlora_memory_ratio_llava=None)
+            result["notes"].update(qlora_memory_ratio_cc=why, qlora_memory_ratio_llava=why)
+        elif "memory" in wanted:
             memory_rows(tmp, texts, args.quick, args.memory_size, result)
             print(f"[bench] memory done at {time.perf_counter() - started:.0f} s", flush=True)
         if "data" in wanted:

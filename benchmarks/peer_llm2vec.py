@@ -1,6 +1,6 @@
 """Peer side of the caption-embedding row: llm2vec's `LLM2Vec.encode`, run inside the llm2vec venv.
 
-    runs/bench/peers/llm2vec/bin/python benchmarks/peer_llm2vec.py MODEL_DIR TEXTS_JSON BATCH ROUNDS
+    runs/bench/peers/llm2vec/bin/python benchmarks/peer_llm2vec.py MODEL_DIR TEXTS_JSON BATCH ROUNDS bf16|fp32
 
 Does not import llm2clip (it cannot: another transformers). Prints one JSON line: seconds per encode of
 all texts (one per round, after a warm-up), real tokens as llm2vec's tokenizer counts them, and the
@@ -34,17 +34,17 @@ def compatible_copy(model_dir: str, into: Path) -> Path:
     return into
 
 
-def main(model_dir: str, texts_file: str, batch: int, rounds: int) -> None:
+def main(model_dir: str, texts_file: str, batch: int, rounds: int, dtype: str) -> None:
     torch.set_num_threads(2)
     with open(texts_file) as f:
         texts = json.load(f)
-    # llm2vec's own loader: bidirectional Llama, mean pooling, fp32 weights; bf16 autocast as on our side
+    # llm2vec's own loader: bidirectional Llama, mean pooling, fp32 weights; autocast as on our side
     model_dir = str(compatible_copy(model_dir, Path(tempfile.mkdtemp())))
     model = LLM2Vec.from_pretrained(model_dir, enable_bidirectional=True, pooling_mode="mean", max_length=512,
                                     torch_dtype=torch.float32)
     real_tokens = int(sum(len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=512)["input_ids"]))
     times = []
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
         model.encode(texts[:batch], batch_size=batch, show_progress_bar=False, device="cpu")  # warm-up
         for _ in range(rounds):
             start = time.perf_counter()
@@ -56,4 +56,4 @@ def main(model_dir: str, texts_file: str, batch: int, rounds: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

@@ -105,16 +105,18 @@ def vision_model(hidden=768, layers=12, heads=12, image=224, patch=16, attn="sdp
 
 
 def stage2_step(model, pixels: torch.Tensor, text_side):
-    """One training step as llm2clip.stage2.train runs it: bf16 autocast, ClipLoss, fused AdamW with
+    """One training step as llm2clip.stage2.train runs it: bf16 autocast where it pays (else fp32),
+    ClipLoss, fused AdamW with
     open_clip's groups, logit-scale clamp. `text_side()` returns the batch's LLM vectors [B, D]."""
     from llm2clip.losses import ClipLoss
+    from llm2clip.precision import bf16_autocast
     from llm2clip.stage2.train import TrainConfig, _optimizer
 
     optimizer, _ = _optimizer(model, TrainConfig(steps=10, lr=1e-5, warmup_steps=0))
     loss_fn = ClipLoss()
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with bf16_autocast("cpu"):
             image, text, scale, _ = model(pixels, text_side())
             loss = loss_fn(image, text, scale)
         loss.backward()

@@ -41,7 +41,8 @@ def _cc(world, lm, out, batch_size: int, launcher: str | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_BUILD_OPS": "0"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout[done.stdout.index("{"):])
+    starts = [i for i in range(len(done.stdout)) if done.stdout[i] == "{" and (i == 0 or done.stdout[i - 1] == "\n")]
+    return json.loads(done.stdout[starts[-1]:])  # the summary, after whatever the launcher printed
 
 
 @pytest.fixture(scope="module")
