@@ -73,19 +73,19 @@ def encode_row(folder: Path, texts: list[str], batch: int, gemm: float, out: dic
     out["padding_waste"] = out["detail"]["padding"]["bucketed_percent"]
 
 
-def vision_row(quick: bool, batch: int, steps: int, gemm: float, out: dict, skip_peer: bool) -> None:
+def vision_row(quick: bool, batch: int, steps: int, gemm: float, out: dict, skip_peer: bool, attn: str) -> None:
     from llm2clip.model import LLM2CLIP, ModelConfig
 
     torch.manual_seed(0)
     vit = dict(hidden=256, layers=4, heads=4, image=64) if quick else {}
-    model = LLM2CLIP(rows.vision_model(**vit), 768, ModelConfig(embed_dim=512))
+    model = LLM2CLIP(rows.vision_model(**vit, attn=attn), 768, ModelConfig(embed_dim=512))
     pixels, vectors = torch.randn(batch, 3, model.vision.config.image_size, model.vision.config.image_size), \
         torch.randn(batch, 768)
     step = rows.stage2_step(model, pixels, lambda: vectors)
     ours = rows.time_step(step, steps)
     peer = None if skip_peer or quick else run_peer("open_clip", "peer_open_clip.py", batch, steps)
     t_ours = ours["seconds"]
-    detail = {"batch": batch, "ours_seconds": ours["all_seconds"],
+    detail = {"batch": batch, "attn_implementation": attn, "ours_seconds": ours["all_seconds"],
               "ours_images_per_s": round(batch / t_ours, 2), "ours_flops_per_step": ours["flops_per_step"],
               "flops": "torch.utils.flop_counter.FlopCounterMode, one step (forward + backward)"}
     out["vision_step_mfu"] = round(100 * ours["flops_per_step"] / t_ours / gemm, 1)
@@ -187,6 +187,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=2, help="timed training steps per side")
     parser.add_argument("--stage2-batch", type=int, default=8, help="batch of the cached/online and LLM-size rows")
+    parser.add_argument("--vision-attn", default="sdpa", choices=["sdpa", "eager"],
+                        help="our vision step's attention (stage2.vision.attn_implementation)")
     parser.add_argument("--stage2-steps", type=int, help="timed cached steps per LLM size (default: --steps)")
     parser.add_argument("--stage2-caption-words", default="60-140", help="caption length range of the online row")
     parser.add_argument("--memory-size", default="2048x22", help="hidden x layers of the QLoRA/LoRA memory model")
@@ -235,7 +237,7 @@ def main() -> None:
             encode_row(tmp / "llm", texts, args.batch, gemm, result, {"skip": args.no_peers})
             print(f"[bench] encode done at {time.perf_counter() - started:.0f} s", flush=True)
         if "vision" in wanted:
-            vision_row(args.quick, args.batch, args.steps, gemm, result, args.no_peers)
+            vision_row(args.quick, args.batch, args.steps, gemm, result, args.no_peers, args.vision_attn)
             print(f"[bench] vision done at {time.perf_counter() - started:.0f} s", flush=True)
         if "stage2" in wanted:
             words = tuple(map(int, args.stage2_caption_words.split("-")))

@@ -41,8 +41,20 @@ def _cc(world, lm, out, batch_size: int, launcher: str | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_BUILD_OPS": "0"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    starts = [i for i in range(len(done.stdout)) if done.stdout[i] == "{" and (i == 0 or done.stdout[i - 1] == "\n")]
-    return json.loads(done.stdout[starts[-1]:])  # the summary, after whatever the launcher printed
+    return _summary(done.stdout)
+
+
+def _summary(stdout: str) -> dict:
+    """The run's JSON summary among whatever the launcher prints before and after it."""
+    decoder = json.JSONDecoder()
+    for start in reversed([i for i, c in enumerate(stdout) if c == "{" and (i == 0 or stdout[i - 1] == "\n")]):
+        try:
+            found = decoder.raw_decode(stdout, start)[0]
+        except ValueError:
+            continue
+        if isinstance(found, dict) and "world_size" in found:
+            return found
+    raise AssertionError(f"no run summary in the output: {stdout[-2000:]}")
 
 
 @pytest.fixture(scope="module")
