@@ -103,7 +103,7 @@ def vision_row(quick: bool, batch: int, steps: int, gemm: float, out: dict, skip
 
 
 def stage2_llm_rows(tmp: Path, tokenizer_dir: Path, quick: bool, batch: int, steps: int, out: dict,
-                    words: tuple[int, int] = (60, 140)) -> None:
+                    words: tuple[int, int] = (180, 220)) -> None:
     """Cached step time across LLM sizes (the LLM is not in the loop: flat) and online vs cached at
     the largest, whose caption-embedding FLOPs are ~2x the vision step's, as in the paper's setting."""
     from models import save_random_llama
@@ -189,15 +189,17 @@ def main() -> None:
     parser.add_argument("--stage2-batch", type=int, default=8, help="batch of the cached/online and LLM-size rows")
     parser.add_argument("--vision-attn", default="sdpa", choices=["sdpa", "eager"],
                         help="our vision step's attention (stage2.vision.attn_implementation)")
-    parser.add_argument("--stage2-steps", type=int, help="timed cached steps per LLM size (default: --steps)")
-    parser.add_argument("--stage2-caption-words", default="60-140", help="caption length range of the online row")
+    parser.add_argument("--stage2-steps", type=int, default=4, help="timed cached steps per LLM size")
+    # 180-220 words (~283 tokens): the 354M LLM's forward is then ~2x the ViT-B/16 step's FLOPs, the
+    # paper's ratio (Llama-3-8B against ViT-L/14-336)
+    parser.add_argument("--stage2-caption-words", default="180-220", help="caption length range of the online row")
     parser.add_argument("--memory-size", default="2048x22", help="hidden x layers of the QLoRA/LoRA memory model")
     parser.add_argument("--no-peers", action="store_true", help="skip llm2vec/open_clip (their ratios become null)")
     parser.add_argument("--rows", default="encode,vision,stage2,memory,data")
     parser.add_argument("--out", default="runs/bench")
     args = parser.parse_args()
     if args.quick:
-        args.texts, args.steps, args.memory_size = 64, 1, "256x2"
+        args.texts, args.steps, args.stage2_steps, args.memory_size = 64, 1, 1, "256x2"
     torch.set_num_threads(2)
     from plots import plot, print_table
 
@@ -241,8 +243,8 @@ def main() -> None:
             print(f"[bench] vision done at {time.perf_counter() - started:.0f} s", flush=True)
         if "stage2" in wanted:
             words = tuple(map(int, args.stage2_caption_words.split("-")))
-            stage2_llm_rows(tmp, tmp / "data/tokenizer", args.quick, args.stage2_batch, args.stage2_steps or args.steps,
-                            result, words)
+            stage2_llm_rows(tmp, tmp / "data/tokenizer", args.quick, args.stage2_batch, args.stage2_steps, result,
+                            words)
             print(f"[bench] stage 2 done at {time.perf_counter() - started:.0f} s", flush=True)
         if "memory" in wanted and COMPUTE["dtype"] == "fp32" and not args.quick:
             # the bf16-LoRA baseline computes in bf16, which this CPU emulates (its backward mm ran at
