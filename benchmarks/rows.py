@@ -94,12 +94,14 @@ def cost_by_length(embedder, n_params: int, gemm: float, batch: int, lengths=(32
     return out
 
 
-def vision_model(hidden=768, layers=12, heads=12, image=224, patch=16, attn="sdpa"):
-    """ViT-B/16 (open_clip's ViT-B-16 shape) as an HF CLIPVisionModel."""
+def vision_model(hidden=768, layers=12, heads=12, image=224, patch=16, attn="sdpa", act="gelu"):
+    """ViT-B/16 as an HF CLIPVisionModel, with open_clip's ViT-B-16 activation (nn.GELU). HF's CLIP
+    default is OpenAI's quick_gelu (x*sigmoid(1.702x)), which open_clip names ViT-B-16-quickgelu: its
+    elementwise passes took 13.5% of our step's time against GELU's 2.2% (benchmarks/profile_vision.py)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     config = CLIPVisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                              num_attention_heads=heads, image_size=image, patch_size=patch)
+                              num_attention_heads=heads, image_size=image, patch_size=patch, hidden_act=act)
     config._attn_implementation = attn
     return CLIPVisionModel(config)
 
