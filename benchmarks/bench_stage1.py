@@ -24,18 +24,7 @@ from pathlib import Path
 import torch
 from memory import proc_status_mib, settle  # benchmarks/memory.py (this folder is on sys.path)
 from models import save_random_llama
-
-
-def gemm_flops_per_s(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Median rate of an n x n x n matmul: this machine's practical peak for `dtype`."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.matmul(a, b)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / sorted(times)[len(times) // 2]
+from rows import gemm_flops_per_s
 
 
 def build_model(folder: Path, tokenizer_dir: Path, hidden: int, layers: int) -> int:

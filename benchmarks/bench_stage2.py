@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stage1 import gemm_flops_per_s
+from rows import gemm_flops_per_s, time_step
 
 
 def vision_model(hidden: int, layers: int, heads: int, image: int, patch: int, attn: str):
@@ -59,13 +59,7 @@ def save_llm(folder: Path, tokenizer_dir: Path, hidden: int, layers: int) -> int
 
 def timed_steps(step, n: int) -> float:
     """Median seconds per call of `step`, after one warm-up call."""
-    step()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time_step(step, n, count_flops=False)["seconds"]
 
 
 def train_step_fn(model, pixels, text_side, keys, captions):

@@ -30,6 +30,7 @@ import re
 from pathlib import Path
 
 from .errors import ConfigError, one_line
+from .guards import load_tensor_pickle
 
 LAYOUT = "microsoft/LLM2CLIP-Openai-* (modeling_clip.LLM2CLIPModel)"
 _BLOCK = re.compile(r"^text_adapter\.adaptor\.(\d+)\.")
@@ -98,23 +99,12 @@ def _weight_files(src: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
 
 def read_released_weights(src: Path, allow_pickle: bool = False) -> dict:
     """name -> tensor from the source folder. Pickles are read with weights_only=True, never plainly."""
-    import torch
     from safetensors.torch import load_file
 
     files, pickled = _weight_files(src, allow_pickle)
     state: dict = {}
     for path in files:
-        if not pickled:
-            state.update(load_file(str(path)))
-            continue
-        try:
-            part = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # UnpicklingError and friends: a crafted or damaged file
-            raise _fail(f"{path}: refused by torch.load(weights_only=True), so it is not a plain tensor "
-                        f"checkpoint ({str(e).splitlines()[0][:200]}). Fix: get model.safetensors instead") from None
-        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
-            raise _fail(f"{path}: not a flat name -> tensor state dict. {_FIX}")
-        state.update(part)
+        state.update(load_tensor_pickle(path) if pickled else load_file(str(path)))
     return state
 
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from . import instructions
 from .errors import ConfigError
+from .guards import load_tensor_pickle
 from .pooling import POOLING_MODES, pool
 from .precision import bf16_autocast
 
@@ -167,14 +168,7 @@ def adapter_weight_keys(adapter: str | Path, allow_pickle: bool = False) -> list
         raise ConfigError(f"embedder.adapters: '{adapter}' holds only adapter_model.bin, a pickle (unpickling can "
                           "run code). Fix: re-save it as safetensors (peft save_pretrained(safe_serialization=True)), "
                           "or set embedder.allow_pickle=true to read it with torch.load(weights_only=True)")
-    try:
-        state = torch.load(str(pickled), map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError and friends: a crafted or damaged file
-        raise ConfigError(f"embedder.adapters: {pickled} was refused by torch.load(weights_only=True) "
-                          f"({str(e).splitlines()[0][:200]}). Fix: get the adapter as safetensors") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"embedder.adapters: {pickled} is not a flat name -> tensor state dict")
-    return list(state)
+    return list(load_tensor_pickle(pickled))
 
 
 def _keys_missing_from(model: nn.Module, saved: Sequence[str]) -> list[str]:

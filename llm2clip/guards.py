@@ -53,3 +53,16 @@ def apply_step(loss: torch.Tensor, step: int, key: str, policy: str) -> bool:
     raise NonFiniteLoss(f"the loss is {loss.detach().float().item()} (on some rank) at step {step + 1}; that step was "
                         f"not applied and no checkpoint was written. Fix: lower the learning rate, use fp32 "
                         f"precision, or set {key}=skip to skip such batches and count them")
+
+
+def load_tensor_pickle(path) -> dict[str, torch.Tensor]:
+    """A pickled name -> tensor state dict, read with torch.load(weights_only=True) only (a crafted pickle
+    is refused, never run). Callers decide first whether pickles are allowed at all."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError and friends: a crafted or damaged file
+        raise ConfigError(f"{path}: refused by torch.load(weights_only=True) ({str(e).splitlines()[0][:200]}). "
+                          "Fix: get the weights as safetensors") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{path}: not a flat name -> tensor state dict. Fix: get the weights as safetensors")
+    return state
