@@ -47,6 +47,7 @@ class EmbedderConfig:
     autocast: bool = True  # bf16 autocast for the forward pass
     padding_side: str = "left"  # pooling is correct for either side
     batch_size: int = 32  # encode() batch size
+    compile: bool = False  # torch.compile the LLM for encode() (precompute, eval): fuses the non-GEMM ops
     load_in_4bit: bool = False  # bitsandbytes nf4 with double quantisation (QLoRA)
     trust_remote_code: bool = False
     allow_pickle: bool = False  # read adapter_model.bin (torch.load(weights_only=True)) when no safetensors
@@ -66,7 +67,7 @@ class EmbedderConfig:
 
     def saved_fields(self) -> dict:
         """What changes the vectors, written beside the adapter (and into cache fingerprints)."""
-        skip = {"device", "batch_size", "trust_remote_code", "allow_pickle"}
+        skip = {"device", "batch_size", "compile", "trust_remote_code", "allow_pickle"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -250,6 +251,7 @@ class CaptionEmbedder(nn.Module):
         self.tokenizer.padding_side = cfg.padding_side
         self.stats = {"truncated": 0, "empty": 0}  # counted over the embedder's lifetime
         self._instruction_ids: dict[str, list[int]] = {}
+        self.__dict__["_compiled"] = None  # not a submodule: its parameters are self.model's
 
     @classmethod
     def load(cls, cfg: EmbedderConfig, device: torch.device | None = None) -> CaptionEmbedder:
@@ -319,12 +321,24 @@ class CaptionEmbedder(nn.Module):
     def _autocast(self):
         return bf16_autocast(self.device, enabled=self.cfg.autocast and self.device.type in ("cpu", "cuda"))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
-        """[B, T] ids -> [B, D] float32 embeddings (not normalised)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor,
+                model: nn.Module | None = None) -> torch.Tensor:
+        """[B, T] ids -> [B, D] float32 embeddings (not normalised). `model`: a compiled self.model."""
         dev = self.device
         with self._autocast():
-            hidden = self.model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev)).last_hidden_state
+            model = self.model if model is None else model
+            hidden = model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev)).last_hidden_state
         return pool(hidden.float(), attention_mask.to(dev), pool_mask.to(dev), self.cfg.pooling)
+
+    def _encoding_model(self) -> nn.Module:
+        """self.model, or with `compile` its torch.compile wrapper (built once; dynamic shapes, so the
+        length buckets share one graph). Only encode() uses it: training keeps the eager model."""
+        if not self.cfg.compile:
+            return self.model
+        if self._compiled is None:
+            log.info("embedder.compile: the first batch compiles the LLM (a one-off cost of seconds to minutes)")
+            self.__dict__["_compiled"] = torch.compile(self.model, dynamic=True)
+        return self._compiled
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], instruction: str | None = None, batch_size: int | None = None,
@@ -338,9 +352,10 @@ class CaptionEmbedder(nn.Module):
         out = torch.empty(len(items), self.dim)
         was_training = self.model.training
         self.model.eval()
+        model = self._encoding_model()
         for start in tqdm(range(0, len(order), bs), desc="encode", unit="batch", disable=not progress):
             idx = order[start:start + bs]
-            out[idx] = self(**self.collate([items[i] for i in idx])).cpu()
+            out[idx] = self(**self.collate([items[i] for i in idx]), model=model).cpu()
         self.model.train(was_training)
         return out
 

@@ -114,6 +114,24 @@ def test_encode_keeps_input_order_and_matches_single_items(llm_dirs):
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_encoding_matches_eager_and_keeps_training_eager(llm_dirs):
+    """embedder.compile: encode() runs a torch.compile graph (one graph over batch sizes and lengths);
+    the compiled wrapper is no submodule, so state_dict and training are untouched."""
+    texts = ["short", "a much longer caption about a purple pentagon and a cyan star", "medium sized caption",
+             "x " * 30, "two blue stars"]
+    eager = _embedder(llm_dirs["llama"], autocast=False)
+    compiled = _embedder(llm_dirs["llama"], autocast=False, compile=True)
+    out = compiled.encode(texts, batch_size=2)  # batches of 2 and 1, three lengths
+    torch.testing.assert_close(out, eager.encode(texts, batch_size=2), atol=1e-5, rtol=1e-5)
+    assert type(compiled._compiled).__name__ == "OptimizedModule"
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    assert "compile" not in compiled.cfg.saved_fields()  # how it runs, not what it computes
+    batch = compiled.batch(texts[:2])
+    compiled(**batch).sum().backward()  # training goes through the eager model
+    assert any(p.grad is not None for p in compiled.model.parameters())
+
+
 def test_bf16_autocast_stays_close_to_fp32(llm_dirs):
     texts = ["a red circle on a black background", "two blue stars"]
     fp32 = _embedder(llm_dirs["llama"], autocast=False).encode(texts)

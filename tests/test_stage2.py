@@ -1,6 +1,7 @@
 """Stage-2 training mechanics: accumulation, kill-and-resume, damaged checkpoints, multi-process, export."""
 
 import contextlib
+import json
 import os
 
 import pytest
@@ -260,3 +261,21 @@ def test_deepspeed_zero_on_two_cpu_processes_trains_like_one_process(zero, tmp_p
     assert ds_state["logit_scale"].shape == single["logit_scale"].shape == ()  # saved in the model's shape
     for name, value in single.items():
         torch.testing.assert_close(ds_state[name], value, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_stage2_reads_stage1_embedder_with_its_own_runtime_settings(tmp_path):
+    """What the vectors depend on comes from stage 1's folder; how to run the LLM (device, batch size,
+    compile) comes from the stage-2 config, since stage 1 does not save it."""
+    from llm2clip.config import load_config
+    from llm2clip.embedder import CONFIG_NAME, EmbedderConfig
+    from llm2clip.stage2.runs import embedder_config
+
+    folder = tmp_path / "cc"
+    folder.mkdir()
+    saved = EmbedderConfig(model=str(tmp_path / "lm"), pooling="eos", max_length=77)
+    (folder / CONFIG_NAME).write_text(json.dumps(saved.saved_fields()))
+    cfg = load_config("configs/tiny.yaml", [f"stage1.cc.out={folder}", "embedder.batch_size=7",
+                                            "embedder.compile=true", "embedder.pooling=mean"])
+    got = embedder_config(cfg)
+    assert (got.pooling, got.max_length) == ("eos", 77)  # the folder's
+    assert (got.batch_size, got.compile, got.device) == (7, True, cfg.embedder.device)  # the config's

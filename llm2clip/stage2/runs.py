@@ -226,5 +226,7 @@ def embedder_config(cfg):
 
     folder = Path(cfg.stage1.cc.out)
     if (folder / CONFIG_NAME).is_file() or (folder / LLM2VEC_CONFIG_NAME).is_file():
-        return read_embedder_config(folder, device=cfg.embedder.device)
+        runtime = cfg.embedder  # how to run it is the user's choice, not the folder's
+        return read_embedder_config(folder, device=runtime.device, batch_size=runtime.batch_size,
+                                    compile=runtime.compile)
     return cfg.embedder
