@@ -137,10 +137,15 @@ def stage2_llm_rows(tmp: Path, tokenizer_dir: Path, quick: bool, batch: int, ste
             live = LiveVectors(embedder)
             online_step = rows.stage2_step(model, pixels, lambda live=live: live(None, captions))
             online = rows.time_step(online_step, 2, count_flops=False)["seconds"]
-    for step in cached_steps:  # round-robin, so drift over the run lands on every size alike
-        step()
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cached_flops = []
+    for step in cached_steps:  # warm-up, counting each size's FLOPs: the LLM's size must not show
+        with FlopCounterMode(display=False) as counter:
+            step()
+        cached_flops.append(counter.get_total_flops())
     times: list[list[float]] = [[] for _ in cached_steps]
-    for _ in range(steps):
+    for _ in range(steps):  # round-robin, so drift over the run lands on every size alike
         for i, step in enumerate(cached_steps):
             start = time.perf_counter()
             step()
@@ -152,6 +157,7 @@ def stage2_llm_rows(tmp: Path, tokenizer_dir: Path, quick: bool, batch: int, ste
     out["detail"]["stage2_llm"] = {"llm_width": width, "llm_layers": list(layer_counts), "non_embedding_params": sizes,
                                    "cached_step_s": [round(c, 3) for c in cached],
                                    "cached_all_s": [[round(x, 3) for x in t] for t in times],
+                                   "cached_flops_per_step": cached_flops,
                                    "online_step_s": round(online, 3),
                                    "online_llm_params": sizes[-1], "batch": batch,
                                    "caption_tokens_mean": round(tokens, 1), "caption_words": f"{words[0]}-{words[1]}"}
