@@ -60,7 +60,7 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments) ->
     if bits in (4, 8):
         from peft import prepare_model_for_kbit_training
 
-        from llm2clip.embedder import keep_4bit_trainable
+        from llm2clip.quantization import keep_4bit_trainable
 
         keep_4bit_trainable(lm)  # CPU bitsandbytes: keep the layout that has a backward pass
         lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=training_args.gradient_checkpointing,

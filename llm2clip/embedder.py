@@ -8,11 +8,10 @@ quietly staying causal.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from .errors import ConfigError
 from .guards import load_tensor_pickle
 from .pooling import POOLING_MODES, pool
 from .precision import bf16_autocast
+from .quantization import cpu_4bit_repacking_disabled
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "embedder_config.json"
@@ -112,43 +112,6 @@ def check_bidirectional(model: nn.Module, vocab_size: int) -> None:
             "Bidirectional attention is verified for llama, mistral, qwen2, qwen3, gemma, gemma3 (sdpa, eager) and "
             "gemma2 (eager). Fix: pick one of those, try embedder.attn_implementation=eager, or set "
             "embedder.bidirectional=false for a causal embedder")
-
-
-def _linear4bit_layers(model: nn.Module) -> list[nn.Module]:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return []
-    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-
-
-@contextlib.contextmanager
-def cpu_4bit_repacking_disabled(model: nn.Module) -> Iterator[None]:
-    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its inference kernel the first
-    time the layer runs in eval mode without grad. The packed kernel has no backward (gradients to
-    earlier layers silently vanish) and the way back is lossy, so probes on a model that may still be
-    trained run with repacking off."""
-    layers = _linear4bit_layers(model)
-    saved = [getattr(m, "support_avx512bf16_for_cpu", False) for m in layers]
-    for m in layers:
-        m.support_avx512bf16_for_cpu = False
-    try:
-        yield
-    finally:
-        for m, flag in zip(layers, saved, strict=True):
-            m.support_avx512bf16_for_cpu = flag
-
-
-def keep_4bit_trainable(model: nn.Module) -> None:
-    """Pin 4-bit layers to bitsandbytes' trainable layout for good (see `cpu_4bit_repacking_disabled`),
-    unpacking any that an earlier inference pass already repacked."""
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    for m in _linear4bit_layers(model):
-        m.support_avx512bf16_for_cpu = False
-        if getattr(m.weight.quant_state, "packing_format_for_cpu", False):
-            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                m.weight.data, m.weight.quant_state)
 
 
 def adapter_weight_keys(adapter: str | Path, allow_pickle: bool = False) -> list[str]:
@@ -335,7 +298,7 @@ class CaptionEmbedder(nn.Module):
         length buckets share one graph). Only encode() uses it: training keeps the eager model."""
         if not self.cfg.compile:
             return self.model
-        if self._compiled is None:
+        if self._compiled is None or self._compiled._orig_mod is not self.model:  # built once per model
             log.info("embedder.compile: the first batch compiles the LLM (a one-off cost of seconds to minutes)")
             self.__dict__["_compiled"] = torch.compile(self.model, dynamic=True)
         return self._compiled

@@ -23,7 +23,7 @@ def add_lora(model: nn.Module, lora: LoraSettings, *, quantized: bool = False,
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
-        from ..embedder import keep_4bit_trainable
+        from ..quantization import keep_4bit_trainable
 
         keep_4bit_trainable(model)
         # casts norms to fp32 and enables input grads so checkpointing works through frozen 4-bit layers
