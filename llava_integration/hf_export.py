@@ -91,7 +91,7 @@ def to_hf_llava(model: LlavaForCausalLM, tokenizer):
 
 def export_hf_llava(model: LlavaForCausalLM, tokenizer, out: str | Path) -> Path:
     """Write the HF-native folder atomically."""
-    from llm2clip.stage1.common import atomic_dir
+    from llm2clip.files import atomic_dir
 
     hf, processor = to_hf_llava(model, tokenizer)
     with atomic_dir(out) as tmp:

@@ -227,7 +227,7 @@ def convert_released_llm2clip(src: str | Path, out: str | Path, vision_out: str 
     reads LLM vectors of the released LLM (the model names no stage-1 embedder)."""
     from .data.images import make_image_processor
     from .export import export_vision_tower
-    from .stage1.common import atomic_dir
+    from .files import atomic_dir
 
     src = Path(src)
     model, notes = load_released_llm2clip(src, allow_pickle)

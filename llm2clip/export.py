@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 from .errors import ConfigError
+from .files import atomic_dir
 from .model import LLM2CLIP
-from .stage1.common import atomic_dir
 
 
 def load_clip_vision(name: str | Path, **kwargs):

@@ -19,9 +19,10 @@ from ..data.readers import DataConfig
 from ..distributed import global_mean, init_from_env
 from ..embedder import CaptionEmbedder, EmbedderConfig, load_backbone, resolve_device
 from ..errors import ConfigError
+from ..files import atomic_dir
 from ..guards import apply_step, check_policy
 from ..losses import caption_contrastive_loss
-from .common import TrainState, atomic_dir, make_optimizer, seed_everything
+from .common import TrainState, make_optimizer, seed_everything
 from .lora import LoraSettings, add_lora
 from .pairs import PairSampler, read_caption_groups, read_text_pairs
 

@@ -1,13 +1,9 @@
-"""Pieces shared by the stage-1 trainers: seeding, optimiser + schedule, atomic output folders."""
+"""Pieces shared by the stage-1 trainers: seeding, optimiser + schedule."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
-import shutil
-from collections.abc import Iterable, Iterator
-from pathlib import Path
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -59,21 +55,3 @@ class TrainState:
         """The loss at `points` evenly spaced steps, for run summaries."""
         idx = np.linspace(0, len(self.losses) - 1, min(points, len(self.losses))).round().astype(int)
         return [round(self.losses[i], 4) for i in idx]
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Write a folder under a temporary name and rename it into place only when complete."""
-    final = Path(final)
-    tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..embedder import CaptionEmbedder, read_embedder_config
-from .common import atomic_dir
+from ..files import atomic_dir
 
 
 def merge_embedder(folder: str | Path, out: str | Path) -> Path:

@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from ..embedder import EmbedderConfig, resolve_device
 from ..errors import ConfigError
+from ..files import atomic_dir
 from ..precision import bf16_autocast
-from .common import TrainState, atomic_dir, make_optimizer, seed_everything
+from .common import TrainState, make_optimizer, seed_everything
 from .lora import LoraSettings, add_lora
 
 

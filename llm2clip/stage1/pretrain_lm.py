@@ -15,9 +15,10 @@ from tqdm import tqdm
 
 from ..embedder import resolve_device
 from ..errors import ConfigError
+from ..files import atomic_dir
 from ..precision import bf16_autocast
 from ..tiny import LLM_FAMILIES, tiny_llm_config
-from .common import TrainState, atomic_dir, make_optimizer, seed_everything
+from .common import TrainState, make_optimizer, seed_everything
 
 
 @dataclass
