@@ -35,7 +35,8 @@ def canonical_key(model_class: str, key: str) -> str:
     """The hub's (4.x) name of a key that 5.x's save_pretrained wrote."""
     if model_class in VISION_WRAPPED and not key.startswith("vision_model."):
         return "vision_model." + key
-    if model_class in TOWER_HOLDERS and key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+    tower = "vision_tower."
+    if model_class in TOWER_HOLDERS and key.startswith(tower) and not key.startswith(tower + "vision_model."):
         return "vision_tower.vision_model." + key.removeprefix("vision_tower.")
     return key
 
