@@ -92,9 +92,9 @@ def to_hf_llava(model: LlavaForCausalLM, tokenizer):
 def export_hf_llava(model: LlavaForCausalLM, tokenizer, out: str | Path) -> Path:
     """Write the HF-native folder atomically."""
     from llm2clip.files import atomic_dir
+    from llm2clip.portable import save_portable
 
     hf, processor = to_hf_llava(model, tokenizer)
     with atomic_dir(out) as tmp:
-        hf.save_pretrained(str(tmp))
-        processor.save_pretrained(str(tmp))
+        save_portable(hf, tmp, processor)  # the hub's layout, reloaded and checked (transformers 4.x reads it)
     return Path(out)

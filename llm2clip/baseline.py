@@ -92,8 +92,10 @@ class BaselineCLIP(nn.Module):
         return cls(clip, tokenizer, clip.config.text_config.max_position_embeddings)
 
     def save_pretrained(self, folder: str | Path, image_processor=None) -> None:
-        self.clip.save_pretrained(str(folder))
-        self.tokenizer.save_pretrained(str(folder))
+        from .portable import save_portable, save_tokenizer
+
+        save_portable(self.clip, folder)  # a stock CLIPModel folder that transformers 4.x and 5.x read alike
+        save_tokenizer(self.tokenizer, folder)
         if image_processor is not None:
             image_processor.save_pretrained(str(folder))
 

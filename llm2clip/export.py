@@ -2,7 +2,8 @@
 
 - `export_vision_tower`: a standard HF CLIP vision folder (config.json with model_type
   'clip_vision_model', model.safetensors, preprocessor_config.json). `CLIPVisionModel.from_pretrained`
-  and `CLIPImageProcessor.from_pretrained` load it unchanged, which is what LLaVA-style repos do.
+  and `CLIPImageProcessor.from_pretrained` load it unchanged, which is what LLaVA-style repos do. It is
+  written in the hub's layout (`vision_model.*`) so transformers 4.x reads it too (llm2clip/portable.py).
 - `export_model`: the whole model (vision, projection, adapter, logit scale) as an LLM2CLIP folder,
   loaded with `LLM2CLIP.from_pretrained`.
 """
@@ -12,9 +13,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from .errors import ConfigError
 from .files import atomic_dir
 from .model import LLM2CLIP
+from .portable import ExportError, save_portable
 
 
 def load_clip_vision(name: str | Path, **kwargs):
@@ -54,8 +58,7 @@ def export_vision_tower(model: LLM2CLIP | str | Path, out: str | Path, image_pro
     if image_processor is None:
         image_processor = make_image_processor(vision.config.image_size)
     with atomic_dir(out) as tmp:
-        vision.save_pretrained(str(tmp))
-        image_processor.save_pretrained(str(tmp))
+        save_portable(vision, tmp, image_processor)  # hub layout, reloaded and checked before the rename
     return Path(out)
 
 
@@ -68,4 +71,13 @@ def export_model(model: LLM2CLIP | str | Path, out: str | Path, image_processor=
         model = LLM2CLIP.from_pretrained(model)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, image_processor)
+        verify_model_folder(tmp, model)
     return Path(out)
+
+
+def verify_model_folder(folder: str | Path, model: LLM2CLIP) -> None:
+    """Reload an LLM2CLIP folder and require the same tensors as `model`: refuse to finish otherwise."""
+    reloaded = LLM2CLIP.from_pretrained(folder).state_dict()
+    for name, tensor in model.state_dict().items():
+        if name not in reloaded or not torch.equal(reloaded[name], tensor.detach().cpu().to(reloaded[name].dtype)):
+            raise ExportError(f"{folder}: {name} does not reload as saved; the folder is not usable")

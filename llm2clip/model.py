@@ -25,6 +25,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .guards import require_finite_vectors
+from .portable import canonical_key, load_vision_layout, portable_config
 
 MODEL_TYPE = "llm2clip"
 
@@ -161,8 +162,13 @@ class LLM2CLIP(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(self.config_dict(), indent=1) + "\n")
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        config = self.config_dict()
+        config["vision_config"] = portable_config(config["vision_config"])
+        (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        # the vision weights in the hub's layout (vision.vision_model.*), which transformers 4.x and 5.x both read
+        vision_class = type(self.vision).__name__
+        state = {("vision." + canonical_key(vision_class, k[len("vision."):]) if k.startswith("vision.") else k):
+                 v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
         if image_processor is not None:
             image_processor.save_pretrained(str(folder))
@@ -182,5 +188,6 @@ class LLM2CLIP(nn.Module):
         cfg = ModelConfig(**{k: v for k, v in config.items() if k in names})
         vision = CLIPVisionModel(CLIPVisionConfig.from_dict(config["vision_config"]))
         model = cls(vision, config["llm_dim"], cfg, config.get("embedder"))
-        model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(device)))
+        state = load_vision_layout(load_file(str(folder / "model.safetensors"), device=str(device)), "vision.")
+        model.load_state_dict(state)
         return model.to(device).eval()

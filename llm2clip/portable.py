@@ -58,6 +58,18 @@ def portable_config(config: dict) -> dict:
     return out
 
 
+def _legacy_merges(tokenizer_json: Path) -> None:
+    """BPE merges as "a b" strings: tokenizers < 0.20 (under transformers 4.37) reads no [a, b] pairs.
+    Left as pairs when a merged piece holds a space, which only the pair form can say."""
+    if not tokenizer_json.is_file():
+        return
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    merges = data.get("model", {}).get("merges")
+    if merges and isinstance(merges[0], list) and not any(" " in a or " " in b for a, b in merges):
+        data["model"]["merges"] = [f"{a} {b}" for a, b in merges]
+        tokenizer_json.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
 def _rewrite_weights(folder: Path, model_class: str) -> None:
     """Rename the keys of model.safetensors (or each shard, and the index) to the canonical layout."""
     from safetensors.torch import load_file, save_file
@@ -86,8 +98,41 @@ def save_portable(model: nn.Module, folder: str | Path, processor=None) -> Path:
                                       sort_keys=True) + "\n")
     if processor is not None:
         processor.save_pretrained(str(folder))
+        portable_processor_files(folder)
     verify_reload(folder, model)
     return folder
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """`tokenizer.save_pretrained(folder)`, readable by transformers 4.x as well."""
+    tokenizer.save_pretrained(str(folder))
+    portable_processor_files(Path(folder))
+
+
+def portable_processor_files(folder: Path) -> None:
+    """Give a folder's tokenizer and processor files the names and keys transformers 4.x looks for.
+
+    5.x writes the tokenizer class as `TokenizersBackend` (4.x: no such class), special tokens as
+    `extra_special_tokens`, the chat template as chat_template.jinja and a processor's image settings
+    only inside processor_config.json; 4.x reads `PreTrainedTokenizerFast`, `additional_special_tokens`,
+    `chat_template` in tokenizer_config.json and preprocessor_config.json. 5.x reads all of these too."""
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        data = json.loads(tokenizer_config.read_text())
+        if data.get("tokenizer_class") == "TokenizersBackend":
+            data["tokenizer_class"] = "PreTrainedTokenizerFast"
+        if isinstance(data.get("extra_special_tokens"), list):
+            data.setdefault("additional_special_tokens", data["extra_special_tokens"])
+        template = folder / "chat_template.jinja"
+        if template.is_file():
+            data.setdefault("chat_template", template.read_text())
+        tokenizer_config.write_text(json.dumps(data, indent=2) + "\n")
+    _legacy_merges(folder / "tokenizer.json")
+    processor_config = folder / "processor_config.json"
+    if processor_config.is_file() and not (folder / "preprocessor_config.json").is_file():
+        image_processor = json.loads(processor_config.read_text()).get("image_processor")
+        if isinstance(image_processor, dict):
+            (folder / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2) + "\n")
 
 
 def verify_reload(folder: str | Path, model: nn.Module) -> None:

@@ -37,6 +37,5 @@ def tiny_llm_config(family: str = "llama", vocab_size: int = 2048, hidden_size: 
         num_key_value_heads=num_kv_heads or max(1, num_heads // 2),
         head_dim=hidden_size // num_heads,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,
-        **{**family_extra, **extra},
+        **{"tie_word_embeddings": True, **family_extra, **extra},
     )
