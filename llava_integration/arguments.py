@@ -140,7 +140,8 @@ def expand_config(argv: list[str]) -> list[str]:
         raise ConfigError(f"--config {path}: must hold a mapping of LLaVA flags (flag: value)")
     flags: list[str] = []
     for key, value in preset.items():
-        values = value if isinstance(value, list) else [value]
+        # a list is a flag's several values, but a list of lists (image_grid_pinpoints) is one value
+        values = value if isinstance(value, list) and not any(isinstance(v, list) for v in value) else [value]
         flags += [f"--{key}", *(str(v) for v in values)]
     return flags + rest
 

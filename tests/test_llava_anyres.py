@@ -86,6 +86,15 @@ def test_spatial_unpad_merge_equals_transformers_pack_image_features():
         assert len(flat) == num_image_tokens((h, w), GRIDS, 32, 4, "spatial") == 16 * len(features)
 
 
+def test_pinpoints_from_a_yaml_preset(llava_parts, tmp_path):
+    preset = tmp_path / "next.yaml"
+    preset.write_text("image_aspect_ratio: anyres\nimage_grid_pinpoints: [[32, 64], [64, 32], [64, 64]]\n"
+                      "mm_patch_merge_type: spatial_unpad\n")
+    model_args, data_args, training_args = parse(["--config", str(preset), *_argv(llava_parts, tmp_path, preset)])
+    validate(model_args, data_args, training_args)
+    assert parse_grid_pinpoints(data_args.image_grid_pinpoints, 32) == GRIDS
+
+
 def test_bad_anyres_arguments_fail_before_loading(llava_parts, tmp_path):
     def args(*extra):
         return parse(_argv(llava_parts, tmp_path, tmp_path / "data.json", *extra))
@@ -146,6 +155,16 @@ def test_anyres_training_step_reaches_projector_and_newline(llava_parts, anyres_
         rows = num_image_tokens((h, w), GRIDS, 32, 4, "spatial_unpad")
         assert mask[i].sum() == batch["attention_mask"][i].sum() + rows - 1
         assert dataset.samples[i]["length"] == int(mask[i].sum())
+    # HF-style input: one [B, max crops, 3, S, S] tensor, zero-padded; each image keeps only its own crops
+    padded = torch.zeros(2, 5, 3, 32, 32)
+    for i, im in enumerate(batch["images"]):
+        padded[i, : len(im)] = im
+    with torch.no_grad():
+        for a, b in zip(model.encode_anyres(padded, batch["image_sizes"]),
+                        model.encode_anyres(batch["images"], batch["image_sizes"]), strict=True):
+            torch.testing.assert_close(a, b)
+        with pytest.raises(ConfigError, match="need image_sizes"):
+            model.encode_anyres(batch["images"], None)
     model.train()
     loss = model(**batch).loss
     assert torch.isfinite(loss)
@@ -216,3 +235,32 @@ def test_llava_next_export_matches_our_logits_and_generates(exported):
     assert generated.shape[1] > inputs["input_ids"].shape[1]
     with pytest.raises(ConfigError, match="export_hf_llava_next"):
         export_hf_llava(model, tokenizer, exported / "flat")
+
+
+def test_image_newline_survives_every_save_layout(llava_parts, anyres_data, tmp_path):
+    from safetensors.torch import load_file
+
+    from llava_integration.checkpoint import load_pretrained_model, restore_trainables, save_llava
+    from llava_integration.train import build_model
+
+    def build(*extra):
+        model_args, data_args, training_args = parse(_argv(llava_parts, tmp_path, anyres_data, *ANYRES, *extra))
+        return build_model(model_args, training_args, data_args)
+
+    model, tokenizer = build("--tune_mm_mlp_adapter", "True")
+    with torch.no_grad():
+        model.image_newline.copy_(torch.arange(64.0))
+    save_llava(model, tokenizer, tmp_path / "pretrain", projector_only=True)  # mm_projector.bin / .safetensors
+    assert torch.equal(load_file(str(tmp_path / "pretrain/mm_projector.safetensors"))["model.image_newline"],
+                       torch.arange(64.0))
+    lora, tokenizer = build("--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8",
+                            "--pretrain_mm_mlp_adapter", str(tmp_path / "pretrain/mm_projector.bin"))
+    assert torch.equal(lora.image_newline, torch.arange(64.0))  # fine-tuning starts from the pretrained one
+    with torch.no_grad():
+        lora.image_newline.mul_(-1)
+    save_llava(lora, tokenizer, tmp_path / "lora", projector_only=False)  # non_lora_trainables
+    _, reloaded, _, _ = load_pretrained_model(tmp_path / "lora", dtype=torch.float32)
+    assert torch.equal(reloaded.image_newline, -torch.arange(64.0))
+    fresh, _ = build("--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8")
+    restore_trainables(fresh, tmp_path / "lora")  # resuming a Trainer checkpoint
+    assert torch.equal(fresh.image_newline, -torch.arange(64.0))
