@@ -33,7 +33,7 @@ class ModelArguments:
     mm_projector_type: str = "mlp2x_gelu"  # 'linear', 'mlp<N>x_gelu' or 'identity'
     mm_use_im_start_end: bool = False  # LLaVA-1.5 uses False; True is not supported
     mm_use_im_patch_token: bool = False  # accepted for LLaVA compatibility (no effect when False)
-    mm_patch_merge_type: str = "flat"  # only 'flat' (anyres is not supported)
+    mm_patch_merge_type: str = "flat"  # 'flat', or LLaVA-NeXT's 'spatial' / 'spatial_unpad' (+ image_newline)
     unfreeze_mm_vision_tower: bool = False  # train the tower too (gradients follow this flag)
     llm2clip_run_dir: str | None = None  # where 'llm2clip'/'clip' towers are looked up (default runs/tiny)
     attn_implementation: str = "sdpa"  # LLM attention: 'sdpa' or 'eager'
@@ -87,10 +87,7 @@ def validate(model_args: ModelArguments, data_args: DataArguments, training_args
         problems.append(f"--quant_type {training_args.quant_type}: use nf4 or fp4")
     if model_args.mm_use_im_start_end:
         problems.append("--mm_use_im_start_end True is not supported (LLaVA-1.5 uses False)")
-    if model_args.mm_patch_merge_type != "flat":
-        problems.append(f"--mm_patch_merge_type {model_args.mm_patch_merge_type}: only 'flat' is supported")
-    if data_args.image_aspect_ratio not in ("square", "pad"):
-        problems.append(f"--image_aspect_ratio {data_args.image_aspect_ratio}: use 'square' or 'pad'")
+    problems += _anyres_problems(model_args, data_args)
     if not 0 <= data_args.max_mismatch_fraction <= 1:
         problems.append("--max_mismatch_fraction must be within [0, 1]")
     deepspeed = training_args.deepspeed
@@ -99,6 +96,30 @@ def validate(model_args: ModelArguments, data_args: DataArguments, training_args
                         "configs/deepspeed/zero2.json for QLoRA")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _anyres_problems(model_args: ModelArguments, data_args: DataArguments) -> list[str]:
+    from .anyres import MERGE_TYPES, parse_grid_pinpoints
+
+    problems = []
+    if model_args.mm_patch_merge_type not in MERGE_TYPES:
+        problems.append(f"--mm_patch_merge_type {model_args.mm_patch_merge_type}: use one of {', '.join(MERGE_TYPES)}")
+    elif model_args.mm_patch_merge_type != "flat" and model_args.mm_vision_select_feature != "patch":
+        problems.append(f"--mm_patch_merge_type {model_args.mm_patch_merge_type} lays patches out on a square grid; "
+                        "use --mm_vision_select_feature patch (no CLS)")
+    if data_args.image_aspect_ratio not in ("square", "pad", "anyres"):
+        problems.append(f"--image_aspect_ratio {data_args.image_aspect_ratio}: use 'square', 'pad' or 'anyres'")
+    elif data_args.image_aspect_ratio == "anyres" and not data_args.image_grid_pinpoints:
+        problems.append("--image_aspect_ratio anyres needs --image_grid_pinpoints, e.g. "
+                        "'[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]' for a 336 px tower")
+    elif data_args.image_aspect_ratio != "anyres" and data_args.image_grid_pinpoints:
+        problems.append("--image_grid_pinpoints only applies with --image_aspect_ratio anyres")
+    elif data_args.image_grid_pinpoints:
+        try:
+            parse_grid_pinpoints(data_args.image_grid_pinpoints, 1)  # the tile size is checked with the tower
+        except ConfigError as e:
+            problems.append(str(e))
+    return problems
 
 
 def expand_config(argv: list[str]) -> list[str]:
@@ -119,7 +140,8 @@ def expand_config(argv: list[str]) -> list[str]:
         raise ConfigError(f"--config {path}: must hold a mapping of LLaVA flags (flag: value)")
     flags: list[str] = []
     for key, value in preset.items():
-        values = value if isinstance(value, list) else [value]
+        # a list is a flag's several values, but a list of lists (image_grid_pinpoints) is one value
+        values = value if isinstance(value, list) and not any(isinstance(v, list) for v in value) else [value]
         flags += [f"--{key}", *(str(v) for v in values)]
     return flags + rest
 

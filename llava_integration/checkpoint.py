@@ -24,7 +24,7 @@ from llm2clip.errors import ConfigError
 
 from .builder import build_vision_tower
 from .model import MM_KEYS, LlavaForCausalLM
-from .projector import build_vision_projector, load_projector, save_projector
+from .projector import build_vision_projector, load_projector, read_image_newline, save_projector
 
 NON_LORA = "non_lora_trainables"
 BASE_KEY = "llava_base_model"  # the LLM a projector-only or LoRA output was trained on
@@ -54,7 +54,8 @@ def save_llava(model: LlavaForCausalLM, tokenizer, output_dir: str | Path, *, pr
     if state_dict is None:
         projector_state = gathered_state(list(model.mm_projector.named_parameters()))
         extra_state = gathered_state([(f"model.{n}", p) for n, p in model.named_parameters()
-                                      if p.requires_grad and not n.startswith(("language_model.", "mm_projector."))])
+                                      if p.requires_grad and not n.startswith(("language_model.", "mm_projector.",
+                                                                               "image_newline"))])
         lm_state = None
     else:
         projector_state = {k.removeprefix("mm_projector."): v for k, v in state_dict.items()
@@ -63,22 +64,26 @@ def save_llava(model: LlavaForCausalLM, tokenizer, output_dir: str | Path, *, pr
                        and model.get_parameter(k).requires_grad}
         lm_state = {k.removeprefix("language_model."): v for k, v in state_dict.items()
                     if k.startswith("language_model.")}
+    # LLaVA-NeXT's image_newline always travels with the projector, trained or not
+    newline = {} if not hasattr(model, "image_newline") else {"model.image_newline": (
+        state_dict["image_newline"] if state_dict is not None else
+        gathered_state([("image_newline", model.image_newline)])["image_newline"])}
     if not is_main:
         return
     out.mkdir(parents=True, exist_ok=True)
     config = lm.get_base_model().config if isinstance(lm, PeftModel) else lm.config
     if projector_only:
-        save_projector(projector_state, out)
+        save_projector(projector_state, out, extra=newline)
         _save_config(config, out)
     elif isinstance(lm, PeftModel):
         lm.save_pretrained(str(out), state_dict=lm_state)
-        state = {f"model.mm_projector.{k}": v for k, v in projector_state.items()} | extra_state
+        state = {f"model.mm_projector.{k}": v for k, v in projector_state.items()} | extra_state | newline
         torch.save(state, out / f"{NON_LORA}.bin")
         save_file(state, str(out / f"{NON_LORA}.safetensors"), metadata={"format": "pt"})
         _save_config(config, out)
     else:
         lm.save_pretrained(str(out), state_dict=lm_state)
-        save_projector(projector_state, out)
+        save_projector(projector_state, out, extra=newline)
         if extra_state:
             save_file(extra_state, str(out / "vision_tower.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(out))
@@ -108,7 +113,8 @@ def _load_lm(path: str, bits: int, compute_dtype: torch.dtype, device_map, trust
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-def assemble(lm, config_source, dtype: torch.dtype, projector_path: str | Path | None = None) -> LlavaForCausalLM:
+def assemble(lm, config_source, dtype: torch.dtype, projector_path: str | Path | None = None,
+             require_newline: bool = False) -> LlavaForCausalLM:
     """Tower (rebuilt from mm_vision_tower) + projector (+ weights) around a loaded LLM."""
     mm = {k: getattr(config_source, k) for k in MM_KEYS if hasattr(config_source, k)}
     tower = build_vision_tower(SimpleNamespace(**mm))
@@ -120,7 +126,21 @@ def assemble(lm, config_source, dtype: torch.dtype, projector_path: str | Path |
         load_projector(projector, projector_path)
     for key, value in mm.items():
         setattr(lm.config, key, value)
-    return LlavaForCausalLM(lm, tower, projector.to(dtype))
+    model = LlavaForCausalLM(lm, tower, projector.to(dtype))
+    if projector_path is not None and hasattr(model, "image_newline"):
+        _load_newline(model, projector_path, required=require_newline)
+    return model
+
+
+def _load_newline(model: LlavaForCausalLM, path: str | Path, required: bool) -> None:
+    """image_newline from a projector file; a pretraining without it leaves LLaVA-NeXT's random init."""
+    newline = read_image_newline(path)
+    if newline is None and required:
+        raise ConfigError(f"{path} holds no image_newline but the model merges with "
+                          f"'{model.merge_type}'; it was not saved by this version: retrain or re-save it")
+    if newline is not None:
+        with torch.no_grad():
+            model.image_newline.copy_(newline)
 
 
 def load_pretrained_model(model_path: str | Path, model_base: str | None = None, load_8bit: bool = False,
@@ -148,7 +168,7 @@ def load_pretrained_model(model_path: str | Path, model_base: str | None = None,
         if bits == 16:
             lm = lm.merge_and_unload()  # 4-bit bases keep the adapter unmerged
     projector_file = path / (f"{NON_LORA}.safetensors" if is_lora else "mm_projector.safetensors")
-    model = assemble(lm, config, dtype, projector_file)
+    model = assemble(lm, config, dtype, projector_file, require_newline=True)
     if (path / "vision_tower.safetensors").is_file() or is_lora:
         _load_tower_weights(model, path, is_lora)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -180,6 +200,8 @@ def restore_trainables(model: LlavaForCausalLM, folder: str | Path) -> None:
     lm = model.language_model
     if (folder / "mm_projector.safetensors").is_file():
         load_projector(model.mm_projector, folder / "mm_projector.safetensors")
+        if hasattr(model, "image_newline"):
+            _load_newline(model, folder / "mm_projector.safetensors", required=True)
     if isinstance(lm, PeftModel) and (folder / "adapter_model.safetensors").is_file():
         set_peft_model_state_dict(lm, load_file(str(folder / "adapter_model.safetensors")))
     elif not isinstance(lm, PeftModel) and list(folder.glob("model*.safetensors")):

@@ -66,15 +66,17 @@ def _export(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m llava_integration export")
     p.add_argument("--model_path", "--model-path", required=True)
     p.add_argument("--model_base", "--model-base", default=None)
-    p.add_argument("--out", required=True, help="folder for LlavaForConditionalGeneration")
+    p.add_argument("--out", required=True, help="folder for LlavaForConditionalGeneration (LlavaNext when anyres)")
     a = p.parse_args(argv)
     import torch
 
     from .checkpoint import load_pretrained_model
     from .hf_export import export_hf_llava
+    from .hf_export_next import export_hf_llava_next
 
     tokenizer, model, _, _ = load_pretrained_model(a.model_path, a.model_base, dtype=torch.float32)
-    print(f"wrote {export_hf_llava(model, tokenizer, a.out)}")
+    export = export_hf_llava_next if model.is_anyres else export_hf_llava
+    print(f"wrote {export(model, tokenizer, a.out)}")
 
 
 def command_first(argv: list[str]) -> list[str]:

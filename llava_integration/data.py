@@ -10,6 +10,7 @@ get a zero image, as in LLaVA, and a negative modality length.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from llm2clip.data.images import ImageSkip, load_image
 from llm2clip.data.readers import SkipCounter
 from llm2clip.errors import DataError
 
+from .anyres import process_anyres_image
 from .constants import IGNORE_INDEX
 from .conversation import MismatchCounter, get_template, tokenize_conversation, validate_conversation
 
@@ -30,7 +32,8 @@ class DataArguments:
     data_path: str | None = None  # LLaVA JSON list (the tiny preset fills it in)
     image_folder: str | None = None  # image paths in the JSON are relative to it
     lazy_preprocess: bool = True  # accepted for LLaVA compatibility; we always tokenize up front
-    image_aspect_ratio: str = "square"  # 'square' (processor's crop) or 'pad' (LLaVA's expand2square)
+    image_aspect_ratio: str = "square"  # 'square' (processor's crop), 'pad' (expand2square) or 'anyres' (NeXT)
+    image_grid_pinpoints: str | None = None  # anyres grids, [h, w]: "[[336, 672], [672, 336]]" or "(1x1),...,(3x3)"
     strict: bool = False  # raise on the first bad sample instead of skipping and counting it
     max_mismatch_fraction: float = 0.05  # error when more samples than this fail target alignment
     max_samples: int | None = None  # use the first N samples (quick runs)
@@ -51,10 +54,13 @@ def expand2square(image, background: tuple[int, ...]):
 
 class LlavaDataset(Dataset):
     def __init__(self, args: DataArguments, tokenizer, image_processor, version: str, model_max_length: int,
-                 num_image_tokens: int, progress: bool = True):
+                 num_image_tokens: int | Callable[[tuple[int, int]], int], progress: bool = True,
+                 grid_pinpoints: list[list[int]] | None = None):
+        """num_image_tokens: per image, or a function of its (height, width) (anyres); grid_pinpoints: the
+        parsed [h, w] grids under --image_aspect_ratio anyres."""
         if not args.data_path or not Path(args.data_path).is_file():
             raise DataError(f"--data_path: {args.data_path} does not exist; point it at a LLaVA JSON list")
-        self.args, self.image_processor = args, image_processor
+        self.args, self.image_processor, self.grid_pinpoints = args, image_processor, grid_pinpoints
         self.template = get_template(version)
         self.folder = Path(args.image_folder or Path(args.data_path).parent)
         try:
@@ -97,6 +103,8 @@ class LlavaDataset(Dataset):
         if image is not None and not (self.folder / image).is_file():
             raise DataError(f"missing image: sample {sid}: {self.folder / image} does not exist; fix "
                             "--image_folder or drop the sample")
+        if image is not None and callable(image_tokens):
+            image_tokens = image_tokens(self._size_hw(self.folder / image))
         ids, labels, mismatch = tokenize_conversation(sample["conversations"], tokenizer, self.template)
         self.mismatch.update(sid, mismatch)
         length = len(ids) + (image_tokens - 1 if image is not None else 0)  # after splicing the image in
@@ -108,6 +116,16 @@ class LlavaDataset(Dataset):
                                 "or split the conversation")
             self.truncated += 1
         return {"id": sid, "image": image, "input_ids": ids, "labels": labels, "length": length}
+
+    @staticmethod
+    def _size_hw(path: Path) -> tuple[int, int]:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:  # the header only
+                return im.height, im.width
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"unreadable image: {path}: {type(e).__name__}") from None
 
     def report(self) -> str:
         lines = [self.skips.summary(), self.mismatch.report()]
@@ -123,10 +141,12 @@ class LlavaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _pixels(self, image: str | None) -> torch.Tensor | None:
+    def _pixels(self, image: str | None) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        """[3, S, S] (or anyres [1 + tiles, 3, S, S]) and the image's (width, height)."""
         crop = self.image_processor.crop_size
-        if image is None:
-            return torch.zeros(3, crop["height"], crop["width"])
+        if image is None:  # anyres keeps LLaVA-NeXT's one-crop placeholder
+            shape = (1, 3) if self.grid_pinpoints else (3,)
+            return torch.zeros(*shape, crop["height"], crop["width"]), (crop["width"], crop["height"])
         try:
             pil = load_image(self.folder / image, max_pixels=1 << 26)
         except ImageSkip as e:
@@ -134,17 +154,19 @@ class LlavaDataset(Dataset):
                 raise DataError(f"{e.reason}: {self.folder / image}: {e.detail}") from None
             self.skips.skip(e.reason, image)
             return None
+        if self.grid_pinpoints:
+            return process_anyres_image(pil, self.image_processor, self.grid_pinpoints), pil.size
         if self.args.image_aspect_ratio == "pad":
             pil = expand2square(pil, tuple(int(255 * m) for m in self.image_processor.image_mean))
-        return self.image_processor(pil, return_tensors="pt")["pixel_values"][0]  # [3, H, W]
+        return self.image_processor(pil, return_tensors="pt")["pixel_values"][0], pil.size  # [3, H, W]
 
     def __getitem__(self, i: int) -> dict | None:
         s = self.samples[i]
-        pixels = self._pixels(s["image"])
-        if pixels is None:
+        loaded = self._pixels(s["image"])
+        if loaded is None:
             return None  # an image that broke after validation: the collator drops it and it is counted
-        return {"input_ids": torch.tensor(s["input_ids"]), "labels": torch.tensor(s["labels"]), "image": pixels,
-                "has_image": s["image"] is not None}
+        return {"input_ids": torch.tensor(s["input_ids"]), "labels": torch.tensor(s["labels"]), "image": loaded[0],
+                "image_size": loaded[1], "has_image": s["image"] is not None}
 
 
 @dataclass
@@ -163,6 +185,11 @@ class DataCollator:
                                                  padding_value=IGNORE_INDEX)
         mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(b["input_ids"]), dtype=torch.long) for b in batch],
                                                batch_first=True, padding_value=0)
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-                "images": torch.stack([b["image"] for b in batch])}
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if batch[0]["image"].ndim == 4:  # anyres: tile counts differ per image, so a list (as LLaVA-NeXT)
+            out["images"] = [b["image"] for b in batch]
+            out["image_sizes"] = torch.tensor([b["image_size"] for b in batch])  # [B, 2] (width, height)
+        else:
+            out["images"] = torch.stack([b["image"] for b in batch])
+        return out
 

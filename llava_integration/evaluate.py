@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from llm2clip.data.images import load_image
 
+from .anyres import process_anyres_image
 from .conversation import generation_prompt, get_template, tokenize_prompt
 
 QUESTION_TYPES = {  # question prefix in the shapes world's LLaVA data -> type
@@ -64,6 +65,8 @@ def evaluate_vqa(model, tokenizer, image_processor, data_path: str | Path, image
     model.eval()
     dtype = next(model.mm_projector.parameters()).dtype
     eos = tokenizer.eos_token_id
+    anyres = getattr(model.config, "image_aspect_ratio", None) == "anyres"
+    pinpoints = getattr(model.config, "image_grid_pinpoints", None) if anyres else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     for start in tqdm(range(0, len(items), batch_size), desc="vqa", disable=not progress):
         batch = items[start: start + batch_size]
@@ -73,11 +76,14 @@ def evaluate_vqa(model, tokenizer, image_processor, data_path: str | Path, image
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):  # right-padded here; the model re-pads on the left after splicing
             ids[i, : len(p)], mask[i, : len(p)] = torch.tensor(p), 1
-        images = torch.stack([
-            image_processor(load_image(Path(image_folder) / it["image"], max_pixels=1 << 26),
-                            return_tensors="pt")["pixel_values"][0] for it in batch])
+        pils = [load_image(Path(image_folder) / it["image"], max_pixels=1 << 26) for it in batch]
+        if pinpoints:  # anyres: [1 + tiles, 3, S, S] per image, sizes (width, height)
+            images = [process_anyres_image(p, image_processor, pinpoints).to(model.device, dtype) for p in pils]
+        else:
+            images = torch.stack([image_processor(p, return_tensors="pt")["pixel_values"][0] for p in pils])
+            images = images.to(model.device, dtype)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=dtype != torch.float32):
-            out = model.generate(ids.to(model.device), images=images.to(model.device, dtype),
+            out = model.generate(ids.to(model.device), images=images, image_sizes=[p.size for p in pils],
                                  attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=eos, pad_token_id=pad)
         for it, tokens in zip(batch, out, strict=True):

@@ -49,25 +49,45 @@ def _merged_lm(model: LlavaForCausalLM):
     return lm
 
 
-def to_hf_llava(model: LlavaForCausalLM, tokenizer):
-    """(LlavaForConditionalGeneration, LlavaProcessor) holding our weights; the tokenizer is copied."""
+def hf_parts(model: LlavaForCausalLM, tokenizer):
+    """What both HF exports share: (merged LM, its text config without our keys, a tokenizer copy with
+    "<image>", that token's id). The projector must map onto HF's Linear-GELU-Linear."""
     import copy
 
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    tower = model.get_vision_tower()
-    projector = model.mm_projector
     if getattr(model.config, "mm_projector_type", None) != "mlp2x_gelu":
         raise ConfigError(f"HF Llava's projector is Linear-GELU-Linear; this model's mm_projector_type is "
                           f"'{model.config.mm_projector_type}'. Train with --mm_projector_type mlp2x_gelu to export")
     lm = _merged_lm(model)
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     text_config = copy.deepcopy(lm.config)
     for key in [k for k in vars(text_config) if k.startswith(("mm_", "tokenizer_", "llava_"))] + \
-            ["use_mm_proj", "version", "image_aspect_ratio", "llm2clip_run_dir"]:
+            ["use_mm_proj", "version", "image_aspect_ratio", "image_grid_pinpoints", "llm2clip_run_dir"]:
         text_config.__dict__.pop(key, None)
+    return lm, text_config, tokenizer, tokenizer.convert_tokens_to_ids("<image>")
+
+
+def copy_weights(hf, model: LlavaForCausalLM, lm, vocab_size: int) -> None:
+    """Tower, projector and LM into an HF Llava(-Next)ForConditionalGeneration, then one more embedding row."""
+    projector = model.mm_projector
+    hf.model.vision_tower.load_state_dict(model.get_vision_tower().vision_tower.float().state_dict())
+    hf.model.multi_modal_projector.linear_1.load_state_dict(projector[0].float().state_dict())
+    hf.model.multi_modal_projector.linear_2.load_state_dict(projector[2].float().state_dict())
+    hf.model.language_model.load_state_dict(lm.get_decoder().float().state_dict())
+    hf.lm_head.load_state_dict(lm.get_output_embeddings().float().state_dict())
+    # the new "<image>" row is never looked up: image features replace it
+    hf.resize_token_embeddings(vocab_size, mean_resizing=False)
+
+
+def to_hf_llava(model: LlavaForCausalLM, tokenizer):
+    """(LlavaForConditionalGeneration, LlavaProcessor) holding our weights; the tokenizer is copied."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    if model.is_anyres:
+        raise ConfigError("this model is anyres / spatially merged: export it with "
+                          "hf_export_next.export_hf_llava_next (LlavaNextForConditionalGeneration)")
+    tower = model.get_vision_tower()
+    lm, text_config, tokenizer, image_token_id = hf_parts(model, tokenizer)
     full = tower.select_feature == "cls_patch"
     config = LlavaConfig(
         vision_config=tower.config.to_dict(), text_config=text_config.to_dict(), image_token_index=image_token_id,
@@ -75,13 +95,7 @@ def to_hf_llava(model: LlavaForCausalLM, tokenizer):
         vision_feature_layer=tower.select_layer, image_seq_length=tower.num_patches + int(full),
         multimodal_projector_bias=True, tie_word_embeddings=text_config.tie_word_embeddings)
     hf = LlavaForConditionalGeneration(config).to(torch.float32).eval()
-    hf.model.vision_tower.load_state_dict(tower.vision_tower.float().state_dict())
-    hf.model.multi_modal_projector.linear_1.load_state_dict(projector[0].float().state_dict())
-    hf.model.multi_modal_projector.linear_2.load_state_dict(projector[2].float().state_dict())
-    hf.model.language_model.load_state_dict(lm.get_decoder().float().state_dict())
-    hf.lm_head.load_state_dict(lm.get_output_embeddings().float().state_dict())
-    # the new "<image>" row is never looked up: image features replace it
-    hf.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    copy_weights(hf, model, lm, len(tokenizer))
     processor = LlavaProcessor(image_processor=tower.image_processor, tokenizer=tokenizer,
                                patch_size=tower.patch_size, vision_feature_select_strategy=config.
                                vision_feature_select_strategy, image_token="<image>",

@@ -2,6 +2,7 @@
 
     images [B, 3, H, W] -> tower -> [B, N, C] -> mm_projector -> [B, N, D]
     input_ids with IMAGE_TOKEN_INDEX -> text embeddings with the N image rows spliced in -> LM
+    anyres (LLaVA-NeXT): [1 + tiles, 3, S, S] per image + image_sizes -> anyres.merge_crops -> [T_i, D] each
 
 Composition keeps the LM family-agnostic (Llama, Mistral, Qwen2, Gemma ...) and means 4-bit loading
 only ever quantises the LM: the projector stays a plain Linear stack (LLaVA #744). The multimodal
@@ -19,7 +20,7 @@ from .constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 MM_KEYS = ("mm_vision_tower", "mm_vision_select_layer", "mm_vision_select_feature", "mm_projector_type",
            "mm_hidden_size", "tokenizer_model_max_length", "tokenizer_padding_side", "image_aspect_ratio",
-           "use_mm_proj", "version")
+           "use_mm_proj", "version", "mm_patch_merge_type", "image_grid_pinpoints")
 
 
 class LlavaForCausalLM(nn.Module):
@@ -31,6 +32,19 @@ class LlavaForCausalLM(nn.Module):
         super().__init__()
         self.language_model, self.vision_tower, self.mm_projector = language_model, vision_tower, mm_projector
         self.check_widths()
+        if "unpad" in self.merge_type:  # LLaVA-NeXT's learned end-of-row embedding, initialised as it does
+            width = language_model.get_input_embeddings().weight.shape[1]
+            dtype = next(mm_projector.parameters(), language_model.get_input_embeddings().weight).dtype
+            self.image_newline = nn.Parameter(torch.randn(width, dtype=dtype) / width ** 0.5)
+
+    @property
+    def merge_type(self) -> str:
+        return getattr(self.config, "mm_patch_merge_type", None) or "flat"
+
+    @property
+    def is_anyres(self) -> bool:
+        """Images arrive as [1 + tiles, 3, S, S] crops (or plain images under a spatial merge)."""
+        return getattr(self.config, "image_aspect_ratio", None) == "anyres" or self.merge_type != "flat"
 
     @property
     def config(self):
@@ -58,6 +72,34 @@ class LlavaForCausalLM(nn.Module):
         projector_dtype = next(self.mm_projector.parameters(), features).dtype
         return self.mm_projector(features.to(projector_dtype))  # [B, N, D]
 
+    def encode_anyres(self, images, image_sizes) -> list[torch.Tensor]:
+        """LLaVA-NeXT's path: images [B, 1 + tiles, 3, S, S] (or a list of [n_i, 3, S, S]; zero-padded
+        tiles beyond an image's own count are dropped) with image_sizes (width, height) -> [T_i, D] each."""
+        from .anyres import grid_shape, merge_crops, parse_grid_pinpoints
+
+        tower = self.get_vision_tower()
+        tile = tower.image_size
+        raw = getattr(self.config, "image_grid_pinpoints", None)
+        anyres = getattr(self.config, "image_aspect_ratio", None) == "anyres"
+        pinpoints = parse_grid_pinpoints(raw, tile) if raw and anyres else None
+        crops = [im.reshape(-1, *im.shape[-3:]) for im in images]  # [n_i, 3, S, S]
+        if pinpoints is not None:
+            if image_sizes is None or len(image_sizes) != len(crops):
+                raise ConfigError("anyres images need image_sizes: the (width, height) of each original image")
+            sizes = [(int(s[1]), int(s[0])) for s in image_sizes]  # (height, width)
+            wanted = [1 + rows * cols if len(c) > 1 else 1
+                      for c, (rows, cols) in zip(crops, (grid_shape(s, pinpoints, tile) for s in sizes), strict=True)]
+            if any(len(c) < n for c, n in zip(crops, wanted, strict=True)):
+                raise ConfigError(f"anyres images hold {[len(c) for c in crops]} crops but their sizes need "
+                                  f"{wanted}; process them with llava_integration.anyres.process_anyres_image")
+            crops = [c[:n] for c, n in zip(crops, wanted, strict=True)]
+        else:
+            sizes = [(tile, tile)] * len(crops)
+        features = self.encode_images(torch.cat(crops)).split([len(c) for c in crops])  # [n_i, N, D] each
+        newline = getattr(self, "image_newline", None)
+        return [merge_crops(f, s, pinpoints, tile, self.merge_type, newline)
+                for f, s in zip(features, sizes, strict=True)]
+
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         every_n_layers: int = 1, offload: bool = False) -> None:
         """Checkpoint the LLM's layers (HF Trainer's --gradient_checkpointing). Non-reentrant by default: the
@@ -78,9 +120,12 @@ class LlavaForCausalLM(nn.Module):
         tokenizer_padding_side."""
         if images is None or input_ids.shape[1] == 1:  # text only, or a decoding step with a KV cache
             return input_ids, position_ids, attention_mask, past_key_values, None, labels
-        if isinstance(images, list):
-            images = torch.stack([im.reshape(*im.shape[-3:]) for im in images])
-        features = self.encode_images(images)  # [B_img, N, D]
+        if self.is_anyres:
+            features = self.encode_anyres(images, image_sizes)  # [T_i, D] per image
+        else:
+            if isinstance(images, list):
+                images = torch.stack([im.reshape(*im.shape[-3:]) for im in images])
+            features = self.encode_images(images)  # [B_img, N, D]
         embed = self.language_model.get_input_embeddings()
         no_labels = labels is None
         if attention_mask is None:
@@ -105,7 +150,7 @@ class LlavaForCausalLM(nn.Module):
                     part_labels.append(torch.full((len(image),), IGNORE_INDEX, dtype=lab.dtype, device=lab.device))
                     next_image += 1
             if not where:  # text-only sample: its (zero) image is skipped but stays in the graph
-                parts.append(features[next_image, :0].to(text_embeds.dtype) if next_image < len(features)
+                parts.append(features[next_image][:0].to(text_embeds.dtype) if next_image < len(features)
                              else text_embeds[:0])
                 next_image += 1
             rows_embeds.append(torch.cat(parts))
@@ -144,13 +189,14 @@ class LlavaForCausalLM(nn.Module):
                                    **kwargs)
 
     @torch.inference_mode()
-    def generate(self, input_ids, images=None, attention_mask=None, **generate_kwargs) -> torch.Tensor:
+    def generate(self, input_ids, images=None, attention_mask=None, image_sizes=None,
+                 **generate_kwargs) -> torch.Tensor:
         """Greedy/sampled generation from a prompt with images; returns only the new tokens."""
         padding_side = getattr(self.config, "tokenizer_padding_side", "right")
         self.config.tokenizer_padding_side = "left"  # decoding appends on the right
         try:
             _, _, mask, _, embeds, _ = self.prepare_inputs_labels_for_multimodal(
-                input_ids, None, attention_mask, None, None, images)
+                input_ids, None, attention_mask, None, None, images, image_sizes)
         finally:
             self.config.tokenizer_padding_side = padding_side
         if embeds is None:

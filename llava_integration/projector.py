@@ -61,13 +61,15 @@ def projector_state_dict(projector: nn.Module | dict[str, torch.Tensor]) -> dict
     return {PROJECTOR_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def save_projector(projector: nn.Module | dict[str, torch.Tensor], folder: str | Path) -> Path:
-    """Write mm_projector.bin (LLaVA reads it with torch.load) and mm_projector.safetensors, atomically."""
+def save_projector(projector: nn.Module | dict[str, torch.Tensor], folder: str | Path,
+                   extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write mm_projector.bin (LLaVA reads it with torch.load) and mm_projector.safetensors, atomically.
+    `extra`: full-named weights stored beside the projector (LLaVA-NeXT's `model.image_newline`)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = projector_state_dict(projector)
+    state = projector_state_dict(projector) | {k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()}
     for name, write in (("mm_projector.bin", torch.save),
                         ("mm_projector.safetensors", lambda s, p: save_file(s, p, metadata={"format": "pt"}))):
         tmp = folder / f".{name}.tmp"
@@ -79,6 +81,20 @@ def save_projector(projector: nn.Module | dict[str, torch.Tensor], folder: str |
 def read_projector_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Projector weights from a .safetensors or a LLaVA .bin, prefix stripped. Pickles are never run:
     .bin files are read with torch.load(weights_only=True), which only rebuilds tensors."""
+    path, weights = _read_weights(path)
+    stripped = {k.split("mm_projector.", 1)[1]: v for k, v in weights.items() if "mm_projector" in k}
+    if not stripped:
+        raise ConfigError(f"{path} holds no 'mm_projector' weights (keys: {sorted(weights)[:4]}...)")
+    return stripped
+
+
+def read_image_newline(path: str | Path) -> torch.Tensor | None:
+    """LLaVA-NeXT's `image_newline` [D] from a projector or non-LoRA-trainables file, if it holds one."""
+    _, weights = _read_weights(path)
+    return next((v for k, v in weights.items() if k.endswith("image_newline")), None)
+
+
+def _read_weights(path: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
     path = Path(path)
     if path.is_dir():
         safe = path / "mm_projector.safetensors"
@@ -92,10 +108,7 @@ def read_projector_file(path: str | Path) -> dict[str, torch.Tensor]:
         weights = load_file(str(path))
     else:
         weights = torch.load(str(path), map_location="cpu", weights_only=True)
-    stripped = {k.split("mm_projector.", 1)[1]: v for k, v in weights.items() if "mm_projector" in k}
-    if not stripped:
-        raise ConfigError(f"{path} holds no 'mm_projector' weights (keys: {sorted(weights)[:4]}...)")
-    return stripped
+    return path, weights
 
 
 def _zero3_gather(params: list[nn.Parameter]):

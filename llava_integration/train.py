@@ -35,7 +35,8 @@ def find_all_linear_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def build_model(model_args: ModelArguments, training_args: TrainingArguments) -> tuple[LlavaForCausalLM, object]:
+def build_model(model_args: ModelArguments, training_args: TrainingArguments,
+                data_args: DataArguments | None = None) -> tuple[LlavaForCausalLM, object]:
     from transformers import AutoTokenizer
 
     transformers.set_seed(training_args.seed)  # the projector's (and LoRA's) initialisation is reproducible
@@ -76,14 +77,23 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments) ->
         mm_vision_select_feature=model_args.mm_vision_select_feature, mm_projector_type=model_args.mm_projector_type,
         tokenizer_model_max_length=training_args.model_max_length, tokenizer_padding_side="right",
         use_mm_proj=True, version=model_args.version, llm2clip_run_dir=model_args.llm2clip_run_dir,
-        unfreeze_mm_vision_tower=model_args.unfreeze_mm_vision_tower)
+        unfreeze_mm_vision_tower=model_args.unfreeze_mm_vision_tower,
+        mm_patch_merge_type=model_args.mm_patch_merge_type,
+        **({"image_aspect_ratio": data_args.image_aspect_ratio} if data_args else {}))
     model = assemble(lm, mm, dtype, model_args.pretrain_mm_mlp_adapter)
+    if data_args is not None and data_args.image_aspect_ratio == "anyres":
+        from .anyres import parse_grid_pinpoints
+
+        model.config.image_grid_pinpoints = parse_grid_pinpoints(data_args.image_grid_pinpoints,
+                                                                 model.get_vision_tower().image_size)
     model.config.mm_hidden_size = model.get_vision_tower().hidden_size
     model.config.llm2clip_run_dir = model_args.llm2clip_run_dir
     if model_args.tune_mm_mlp_adapter:
         model.requires_grad_(False)
         model.mm_projector.requires_grad_(True)
     model.mm_projector.requires_grad_(not training_args.freeze_mm_mlp_adapter)
+    if hasattr(model, "image_newline"):  # trained with the projector, as in LLaVA-NeXT's mm_mlp_adapter
+        model.image_newline.requires_grad_(not training_args.freeze_mm_mlp_adapter)
     if model_args.unfreeze_mm_vision_tower:
         model.get_vision_tower().vision_tower.requires_grad_(True)
     if bits in (4, 8):
@@ -189,10 +199,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     import time
 
     validate(model_args, data_args, training_args)
-    model, tokenizer = build_model(model_args, training_args)
+    model, tokenizer = build_model(model_args, training_args, data_args)
     tower = model.get_vision_tower()
     dataset = LlavaDataset(data_args, tokenizer, tower.image_processor, model_args.version,
-                           training_args.model_max_length, tower.num_patches, progress=progress)
+                           training_args.model_max_length, image_token_count(model), progress=progress,
+                           grid_pinpoints=getattr(model.config, "image_grid_pinpoints", None)
+                           if data_args.image_aspect_ratio == "anyres" else None)
     print(dataset.report(), flush=True)
     trainer = LlavaTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                            data_collator=DataCollator(tokenizer.pad_token_id),
@@ -216,6 +228,28 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if training_args.should_save:
         Path(training_args.output_dir, "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def image_token_count(model: LlavaForCausalLM):
+    """Rows one image takes in the LM: a number, or (anyres) a function of the image's (height, width)."""
+    from functools import partial
+
+    from .anyres import num_image_tokens
+
+    tower = model.get_vision_tower()
+    crop = tower.image_processor.crop_size
+    if model.is_anyres and (crop["height"], crop["width"]) != (tower.image_size, tower.image_size):
+        from llm2clip.errors import ConfigError
+
+        raise ConfigError(f"anyres tiles are the processor's {crop['height']}x{crop['width']} crops but the tower "
+                          f"takes {tower.image_size} px; fix the tower folder's preprocessor_config.json")
+    pinpoints = getattr(model.config, "image_grid_pinpoints", None) \
+        if getattr(model.config, "image_aspect_ratio", None) == "anyres" else None
+    count = partial(num_image_tokens, pinpoints=pinpoints, tile=tower.image_size, side=tower.num_patches_per_side,
+                    merge_type=model.merge_type)
+    if not model.is_anyres:
+        return tower.num_patches
+    return count if pinpoints else count((tower.image_size, tower.image_size))
 
 
 def resumable_checkpoint(output_dir: str | Path) -> str | None:
