@@ -73,6 +73,14 @@ def load_entry(entry: dict, inputs: dict, image: Image.Image) -> tuple[dict, dic
             out = {"logits": logits, "tokens": _tokens(path, entry["text"]),
                    "processed": _image_processor_pixels(path, image)}
             report = _report(info)
+        elif kind == "llava_next_hf":
+            model, info = transformers.LlavaNextForConditionalGeneration.from_pretrained(
+                str(path), output_loading_info=True)
+            logits = model.eval()(input_ids=inputs["next_ids"], attention_mask=torch.ones_like(inputs["next_ids"]),
+                                  pixel_values=inputs["next_pixels"], image_sizes=inputs["next_sizes"]).logits
+            processed = transformers.AutoImageProcessor.from_pretrained(str(path))(images=image, return_tensors="pt")
+            out = {"logits": logits, "tokens": _tokens(path, entry["text"]), "processed": processed["pixel_values"]}
+            report = _report(info)
         else:
             raise ValueError(f"unknown kind {kind}")
     return report, {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in out.items()}
@@ -83,8 +91,12 @@ def main() -> None:
     out_dir = Path(sys.argv[2])
     inputs = load_file(manifest["inputs"])
     image = Image.open(manifest["image"]).convert("RGB")
-    summary = {"transformers": transformers.__version__, "reports": {}}
+    summary = {"transformers": transformers.__version__, "reports": {}, "skipped": []}
+    version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
     for entry in manifest["entries"]:
+        if version < tuple(entry.get("min_transformers", (0, 0))):  # e.g. LlavaNext arrived in 4.39
+            summary["skipped"].append(entry["name"])
+            continue
         report, outputs = load_entry(entry, inputs, image)
         summary["reports"][entry["name"]] = report
         save_file(outputs, str(out_dir / f"{entry['name']}.safetensors"))

@@ -51,7 +51,7 @@ def _llm2clip_model():
     return model.eval()
 
 
-def _llava_model(tower_folder: Path, tokenizer):
+def _llava_model(tower_folder: Path, tokenizer, anyres: bool = False):
     from transformers import AutoModelForCausalLM
 
     from llava_integration.builder import build_vision_tower
@@ -67,21 +67,25 @@ def _llava_model(tower_folder: Path, tokenizer):
     torch.manual_seed(2)
     lm = AutoModelForCausalLM.from_config(config)
     lm.config.mm_projector_type = "mlp2x_gelu"
+    if anyres:  # LLaVA-NeXT: tiles of the tower's 32 px, spatially unpadded, with an image_newline
+        lm.config.image_aspect_ratio, lm.config.mm_patch_merge_type = "anyres", "spatial_unpad"
+        lm.config.image_grid_pinpoints = [[32, 64], [64, 32], [64, 64]]
     tower = build_vision_tower(SimpleNamespace(mm_vision_tower=str(tower_folder), mm_vision_select_layer=-2,
                                                mm_vision_select_feature="patch"))
     projector = build_vision_projector(SimpleNamespace(mm_projector_type="mlp2x_gelu",
                                                        mm_hidden_size=tower.hidden_size, hidden_size=64))
     model = LlavaForCausalLM(lm, tower, projector)
-    _perturb(model.mm_projector, 3)
+    _perturb(model, 3)
     return model.eval()
 
 
 @pytest.fixture(scope="module")
 def folders(world, tmp_path_factory) -> dict:
     """Writes every folder kind with our writers; returns the manifest and 5.x's own outputs."""
-    from transformers import AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
 
     from llava_integration.hf_export import export_hf_llava
+    from llava_integration.hf_export_next import export_hf_llava_next
     from llm2clip.convert import convert_released_llm2clip
     from llm2clip.data.images import make_image_processor
     from llm2clip.export import export_model, export_vision_tower
@@ -102,6 +106,7 @@ def folders(world, tmp_path_factory) -> dict:
     convert_released_llm2clip(src, root / "converted", vision_out=root / "converted_vision")
     tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer")
     export_hf_llava(_llava_model(root / "vision_tower", tokenizer), tokenizer, root / "llava_hf")
+    export_hf_llava_next(_llava_model(root / "vision_tower", tokenizer, anyres=True), tokenizer, root / "llava_next")
 
     config = json.loads((root / "llava_hf" / "config.json").read_text())
     image_id, n = config["image_token_index"], config["image_seq_length"]
@@ -111,18 +116,24 @@ def folders(world, tmp_path_factory) -> dict:
               "clip_ids": torch.tensor([knowledge.tokenize([TEXT])["input_ids"][0].tolist()]),
               "llava_ids": torch.tensor([head + [image_id] * n + tail]),
               "llava_ids_single": torch.tensor([[*head, image_id, *tail]])}
-    save_file(inputs, str(root / "inputs.safetensors"))
     Image.fromarray(np.random.default_rng(7).integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(root / "im.png")
+    image = Image.open(root / "im.png").convert("RGB")
+    next_inputs = AutoProcessor.from_pretrained(root / "llava_next")(
+        images=image, text="USER: <image>\nwhat colour? ASSISTANT:", return_tensors="pt")
+    inputs |= {"next_ids": next_inputs["input_ids"], "next_pixels": next_inputs["pixel_values"],
+               "next_sizes": next_inputs["image_sizes"]}
+    save_file(inputs, str(root / "inputs.safetensors"))
     entries = [{"name": "vision_tower", "kind": "vision", "path": str(root / "vision_tower")},
                {"name": "llm2clip", "kind": "llm2clip", "path": str(root / "llm2clip")},
                {"name": "knowledge_clip", "kind": "clip", "path": str(root / "knowledge_clip"), "text": TEXT},
                {"name": "clip_vision_tower", "kind": "vision", "path": str(root / "clip_vision_tower")},
                {"name": "converted", "kind": "llm2clip", "path": str(root / "converted")},
                {"name": "converted_vision", "kind": "vision", "path": str(root / "converted_vision")},
-               {"name": "llava_hf", "kind": "llava_hf", "path": str(root / "llava_hf"), "text": TEXT}]
+               {"name": "llava_hf", "kind": "llava_hf", "path": str(root / "llava_hf"), "text": TEXT},
+               {"name": "llava_next", "kind": "llava_next_hf", "path": str(root / "llava_next"), "text": TEXT,
+                "min_transformers": [4, 39]}]
     manifest = {"inputs": str(root / "inputs.safetensors"), "image": str(root / "im.png"), "entries": entries}
     (root / "manifest.json").write_text(json.dumps(manifest))
-    image = Image.open(root / "im.png").convert("RGB")
     reference = {}
     for entry in entries:  # transformers 5.x, this process: the same loaders
         report, outputs = load_entry(entry, load_file(str(root / "inputs.safetensors")), image)
@@ -137,7 +148,11 @@ def test_every_exported_folder_loads_the_same_under_transformers_4(folders, vers
     assert summary["transformers"] == version
     for name, report in summary["reports"].items():
         assert not any(report.values()), f"{name} under transformers {version}: {report}"
+    older = tuple(int(x) for x in version.split(".")[:2]) < (4, 39)  # LlavaNext arrived in 4.39
+    assert summary["skipped"] == (["llava_next"] if older else [])
     for name, expected in folders["reference"].items():
+        if name in summary["skipped"]:
+            continue
         got = load_file(str(tmp_path / f"{name}.safetensors"))
         assert got.keys() == expected.keys(), name
         for key, value in expected.items():
@@ -171,3 +186,4 @@ def test_folders_are_written_in_the_hub_layout(folders):
     assert text_config["rope_theta"] == 500000.0  # what 4.x reads
     whole = load_file(str(root / "llm2clip" / "model.safetensors")).keys()
     assert all(k.startswith("vision.vision_model.") for k in whole if k.startswith("vision."))
+    assert (root / "llava_hf" / "preprocessor_config.json").is_file()  # 4.x's processors read only this file
