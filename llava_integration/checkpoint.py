@@ -41,6 +41,11 @@ from .projector import build_vision_projector, load_projector, save_projector
 
 NON_LORA = "non_lora_trainables"
 TOWER_FILE = "vision_tower.safetensors"  # an unfrozen tower's weights beside a full output
+PEFT_010_FIELDS = {"alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "fan_in_fan_out",
+                   "inference_mode", "init_lora_weights", "layer_replication", "layers_pattern",
+                   "layers_to_transform", "loftq_config", "lora_alpha", "lora_dropout", "megatron_config",
+                   "megatron_core", "modules_to_save", "peft_type", "r", "rank_pattern", "revision",
+                   "target_modules", "task_type", "use_dora", "use_rslora"}  # LoraConfig of peft 0.10.0
 
 
 def gathered_state(named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -102,11 +107,17 @@ def save_llava(model: LlavaForCausalLM, tokenizer, output_dir: str | Path, *, pr
 
 
 def _point_adapter_at(out: Path, base: str) -> None:
-    """adapter_config.json names the base LLM by its absolute folder (what --model-base must be)."""
+    """adapter_config.json for the peft that LLaVA's pins allow (transformers 4.37.2 cannot import recent
+    peft; peft <= 0.10 passes every key to LoraConfig and fails on newer ones): the fields peft 0.10 has,
+    plus any newer field set away from its default. Names the base LLM by its absolute folder."""
     import os
+
+    from peft import LoraConfig
 
     file = out / "adapter_config.json"
     data = json.loads(file.read_text())
+    defaults = LoraConfig().to_dict()
+    data = {k: v for k, v in data.items() if k in PEFT_010_FIELDS or k not in defaults or v != defaults[k]}
     data["base_model_name_or_path"] = os.path.abspath(base) if os.path.exists(base) else base
     file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -208,7 +219,7 @@ def load_pretrained_model(model_path: str | Path, model_base: str | None = None,
         tower_weights = split_llava_names(read_safetensors([path / TOWER_FILE]))[2]
     if tower_weights:
         _load_tower_weights(model, tower_weights, path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path), config=lm_config)  # config.json says llava_llama
     model.eval()
     tower = model.get_vision_tower()
     return tokenizer, model, tower.image_processor, getattr(config, "tokenizer_model_max_length", 2048)

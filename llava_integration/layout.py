@@ -88,14 +88,23 @@ def read_lm_config(folder: Path, trust_remote_code: bool = False):
 
 
 def tokenizer_for_4x(out: Path) -> None:
-    """transformers 5 names a tokenizers-backed tokenizer 'TokenizersBackend', a class 4.x lacks
-    (AutoTokenizer raises); 4.x's name for the same thing is PreTrainedTokenizerFast."""
-    file = out / "tokenizer_config.json"
-    if file.is_file():
-        data = json.loads(file.read_text())
-        if data.get("tokenizer_class") == "TokenizersBackend" and (out / "tokenizer.json").is_file():
+    """A tokenizer folder that LLaVA's pins (transformers 4.37, tokenizers 0.15) read as 5.x does.
+    transformers 5 names a tokenizers-backed tokenizer 'TokenizersBackend', a class 4.x lacks
+    (AutoTokenizer raises): 4.x's name for it is PreTrainedTokenizerFast. tokenizers >= 0.20 writes BPE
+    merges as pairs, which 0.15 cannot parse ("did not match any variant of untagged enum ModelWrapper"):
+    the "a b" strings mean the same where no token holds a space."""
+    config_file, tokenizer_file = out / "tokenizer_config.json", out / "tokenizer.json"
+    if config_file.is_file():
+        data = json.loads(config_file.read_text())
+        if data.get("tokenizer_class") == "TokenizersBackend" and tokenizer_file.is_file():
             data["tokenizer_class"] = "PreTrainedTokenizerFast"
-            file.write_text(json.dumps(data, indent=2) + "\n")
+            config_file.write_text(json.dumps(data, indent=2) + "\n")
+    if tokenizer_file.is_file():
+        data = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+        merges = (data.get("model") or {}).get("merges")
+        if merges and isinstance(merges[0], list) and not any(" " in part for pair in merges for part in pair):
+            data["model"]["merges"] = [" ".join(pair) for pair in merges]
+            tokenizer_file.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 def tower_state(model, named: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

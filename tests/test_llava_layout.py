@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from llava_integration.arguments import parse
-from llava_integration.checkpoint import load_pretrained_model, restore_trainables, save_llava
+from llava_integration.checkpoint import PEFT_010_FIELDS, load_pretrained_model, restore_trainables, save_llava
 from llava_integration.layout import llava_folder_name
 from llava_integration.train import build_model
 
@@ -105,6 +105,8 @@ def test_lora_output_has_llava_and_peft_names(outputs, llava_parts):
     # builder.py:55-57 loads model_base; the adapter names that same folder (what --model-base must be)
     assert adapter["base_model_name_or_path"] == os.path.abspath(llava_parts["lm"])
     assert adapter["task_type"] == "CAUSAL_LM" and adapter["r"] == 4
+    # transformers 4.37.2 cannot import recent peft; peft 0.10's LoraConfig(**json) fails on newer keys
+    assert set(adapter) <= PEFT_010_FIELDS
     # builder.py:83 PeftModel.from_pretrained(LlavaLlamaForCausalLM): LlamaForCausalLM's module paths
     lora = load_file(str(folder / "adapter_model.safetensors"))
     assert lora and all(k.startswith("base_model.model.model.layers.") and ".lora_" in k for k in lora)
@@ -123,7 +125,7 @@ def test_lora_output_has_llava_and_peft_names(outputs, llava_parts):
 
 
 def test_full_output_is_a_llava_llama_checkpoint(outputs, llava_parts):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, model, tokenizer = outputs["full"]
     _check_config(folder, llava_parts, tune_mm_mlp_adapter=False)
@@ -135,6 +137,10 @@ def test_full_output_is_a_llava_llama_checkpoint(outputs, llava_parts):
     assert not (folder / "mm_projector.bin").exists()
     # builder.py:116 AutoTokenizer (4.x) must know the class: 5.x writes 'TokenizersBackend'
     assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    merges = json.loads((folder / "tokenizer.json").read_text())["model"]["merges"]
+    assert all(isinstance(m, str) for m in merges)  # tokenizers 0.15 (LLaVA's pin) cannot parse pairs
+    text = "What colour is the star? It is red."
+    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == tokenizer(text)["input_ids"]
     _, reloaded, _, _ = load_pretrained_model(folder, dtype=torch.float32)  # raises on any leftover key
     assert type(reloaded.language_model).__name__ == "LlamaForCausalLM"
     torch.testing.assert_close(_logits(reloaded, tokenizer), _logits(model, tokenizer), rtol=0, atol=0)
