@@ -28,8 +28,9 @@ from .layout import (
     BASE_KEY,
     PEFT,
     PROJECTOR,
+    TOWER,
     read_lm_config,
-    read_safetensors,
+    read_weights,
     split_llava_names,
     tokenizer_for_4x,
     tower_state,
@@ -192,31 +193,35 @@ def load_pretrained_model(model_path: str | Path, model_base: str | None = None,
     config = SimpleNamespace(**data)
     base = model_base or data.get(BASE_KEY)
     is_lora = (path / "adapter_config.json").is_file()
-    full = weight_files(path) or list(path.glob("pytorch_model*"))
+    full = weight_files(path) or sorted(path.glob("pytorch_model*.bin"))
     projector_only = not is_lora and not full
     if (is_lora or projector_only) and not base:
         raise ConfigError(f"{path} holds no LLM weights; pass model_base (the LLM it was trained on)")
     if is_lora or projector_only:
         lm = _load_lm(base, bits, dtype, device_map, trust_remote_code)
-    else:
+    else:  # stock LLaVA's full checkpoints also hold the tower it was trained with
         lm = _load_lm(str(path), bits, dtype, device_map, trust_remote_code, config=lm_config,
-                      unused=(PROJECTOR,))
+                      unused=(PROJECTOR, TOWER))
     tower_weights = {}
     if is_lora:
         from peft import PeftModel
-        from safetensors.torch import load_file
 
         lm = PeftModel.from_pretrained(lm, str(path))
         if bits == 16:
             lm = lm.merge_and_unload()  # 4-bit bases keep the adapter unmerged
-        _, projector, tower_weights = split_llava_names(load_file(str(path / f"{NON_LORA}.safetensors")))
-    elif projector_only or (path / "mm_projector.safetensors").is_file():  # the older full layout has one too
+        non_lora = path / f"{NON_LORA}.safetensors"
+        non_lora = non_lora if non_lora.is_file() else non_lora.with_suffix(".bin")  # stock LLaVA writes .bin
+        _, projector, tower_weights = split_llava_names(read_weights([non_lora]))
+    elif projector_only:
+        projector = path  # mm_projector.safetensors, else stock LLaVA's mm_projector.bin
+    elif (path / "mm_projector.safetensors").is_file():  # the older full layout
         projector = path / "mm_projector.safetensors"
     else:
-        projector = {k.removeprefix(PROJECTOR): v for k, v in read_safetensors(full, (PROJECTOR,)).items()}
+        projector = {k.removeprefix(PROJECTOR): v for k, v in read_weights(full, (PROJECTOR,)).items()}
     model = assemble(lm, config, dtype, projector)
-    if not is_lora and (path / TOWER_FILE).is_file():
-        tower_weights = split_llava_names(read_safetensors([path / TOWER_FILE]))[2]
+    if not is_lora:
+        extra = [path / TOWER_FILE] if (path / TOWER_FILE).is_file() else []
+        tower_weights = split_llava_names(read_weights([*full, *extra], (TOWER,)))[2]
     if tower_weights:
         _load_tower_weights(model, tower_weights, path)
     tokenizer = AutoTokenizer.from_pretrained(str(path), config=lm_config)  # config.json says llava_llama
@@ -246,7 +251,7 @@ def restore_trainables(model: LlavaForCausalLM, folder: str | Path) -> None:
     if isinstance(lm, PeftModel) and (folder / "adapter_model.safetensors").is_file():
         set_peft_model_state_dict(lm, load_file(str(folder / "adapter_model.safetensors")))
     elif not isinstance(lm, PeftModel) and weight_files(folder):
-        lm_state, projector, tower = split_llava_names(read_safetensors(weight_files(folder)))
+        lm_state, projector, tower = split_llava_names(read_weights(weight_files(folder)))
         unexpected = lm.load_state_dict(lm_state, strict=False).unexpected_keys
         if unexpected:
             raise ConfigError(f"{folder} holds LM weights this model does not have: {unexpected[:3]}")

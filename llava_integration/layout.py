@@ -131,12 +131,17 @@ def split_llava_names(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]
     return lm, projector, load_vision_layout(tower, "vision_tower.vision_tower.")
 
 
-def read_safetensors(files: list[Path], prefixes: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
-    """The tensors whose names start with one of `prefixes`, from every file (shards of one checkpoint)."""
+def read_weights(files: list[Path], prefixes: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with one of `prefixes`, from every file (shards of one checkpoint).
+    .bin files (stock LLaVA's) are read with weights_only=True: tensors only, no code runs."""
     from safetensors import safe_open
 
     state: dict[str, torch.Tensor] = {}
     for file in files:
+        if file.suffix == ".bin":
+            weights = torch.load(str(file), map_location="cpu", weights_only=True)
+            state.update({k: v for k, v in weights.items() if k.startswith(prefixes)})
+            continue
         with safe_open(str(file), framework="pt") as f:
             state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)})  # noqa: SIM118
     return state

@@ -180,3 +180,28 @@ def test_folder_names_route_as_stock_llava_needs(tmp_path):
     assert llava_folder_name(tmp_path / "llava-7b-lora/checkpoint-10", lora=True) is None
     assert "lacks 'llava'" in llava_folder_name(tmp_path / "finetune", lora=False)
     assert "lacks 'lora'" in llava_folder_name(tmp_path / "llava-7b", lora=True)
+
+
+def test_stock_llava_outputs_load_too(outputs, llava_parts, tmp_path):
+    """What stock LLaVA itself writes: .bin files only, and full checkpoints that hold the tower
+    (train.py:196-206, 984; its state_dict includes model.vision_tower.vision_tower.vision_model.*)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    for kind, drop in (("pretrain", "mm_projector.safetensors"), ("lora", "non_lora_trainables.safetensors")):
+        folder, model, tokenizer = outputs[kind]
+        shutil.copytree(folder, tmp_path / kind)
+        (tmp_path / kind / drop).unlink()
+        _, reloaded, _, _ = load_pretrained_model(tmp_path / kind, dtype=torch.float32)
+        torch.testing.assert_close(_logits(reloaded, tokenizer), _logits(model, tokenizer), rtol=1e-5, atol=1e-5)
+    folder, model, tokenizer = outputs["full"]
+    shutil.copytree(folder, tmp_path / "full")
+    weights = load_file(str(folder / "model.safetensors"))
+    tower = {f"model.vision_tower.vision_tower.vision_model.{k}": v + 0.01
+             for k, v in model.get_vision_tower().vision_tower.state_dict().items()}  # 5.x: no vision_model.
+    save_file(weights | tower, str(tmp_path / "full/model.safetensors"), metadata={"format": "pt"})
+    _, reloaded, _, _ = load_pretrained_model(tmp_path / "full", dtype=torch.float32)
+    first = next(iter(model.get_vision_tower().vision_tower.state_dict()))
+    got = reloaded.get_vision_tower().vision_tower.state_dict()[first]
+    torch.testing.assert_close(got, model.get_vision_tower().vision_tower.state_dict()[first] + 0.01)
