@@ -205,3 +205,24 @@ def test_stock_llava_outputs_load_too(outputs, llava_parts, tmp_path):
     first = next(iter(model.get_vision_tower().vision_tower.state_dict()))
     got = reloaded.get_vision_tower().vision_tower.state_dict()[first]
     torch.testing.assert_close(got, model.get_vision_tower().vision_tower.state_dict()[first] + 0.01)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_an_unfrozen_tower_is_saved_under_llava_names_and_reloads(llava_parts, tmp_path, lora):
+    extra = ["--lora_enable", "True", "--lora_r", "4"] if lora else []
+    model_args, _, training_args = parse(_argv(llava_parts, "--unfreeze_mm_vision_tower", "True", *extra))
+    model, tokenizer = build_model(model_args, training_args)
+    inner = model.get_vision_tower().vision_tower
+    assert all(p.requires_grad for p in inner.parameters())
+    with torch.no_grad():
+        for p in inner.parameters():
+            p.add_(0.01)  # "trained": differs from the folder at mm_vision_tower
+    folder = tmp_path / ("llava-tower-lora" if lora else "llava-tower")
+    save_llava(model, tokenizer, folder, projector_only=False)
+    file = folder / ("non_lora_trainables.safetensors" if lora else "vision_tower.safetensors")
+    prefix = ("base_model.model." if lora else "") + "model.vision_tower.vision_tower.vision_model."
+    tower_keys = [k for k in load_file(str(file)) if "vision_tower" in k]
+    assert len(tower_keys) == len(inner.state_dict()) and all(k.startswith(prefix) for k in tower_keys)
+    _, reloaded, _, _ = load_pretrained_model(folder, dtype=torch.float32)
+    for a, b in zip(reloaded.get_vision_tower().vision_tower.parameters(), inner.parameters(), strict=True):
+        assert torch.equal(a, b)
