@@ -45,6 +45,10 @@ def llava_config(lm_config, model, *, projector_only: bool, base: str | None) ->
     """config.json as LLaVA writes it after initialize_vision_modules (llava/train/train.py:917-943)."""
     data = portable_config(lm_config.to_dict())
     data.pop("llm2clip_run_dir", None)  # mm_vision_tower is resolved: the run dir is no longer needed
+    # QLoRA trains on a 4-bit copy, but no saved weight is quantised: with this key left in, LLaVA's
+    # loader would quantise the base it merges the adapter into (and 4.x may not parse 5.x's fields)
+    data.pop("quantization_config", None)
+    data.pop("_pre_quantization_dtype", None)
     if data.get("model_type") in LLAVA_CLASSES:
         data["model_type"], architecture = LLAVA_CLASSES[data["model_type"]]
         data["architectures"] = [architecture]

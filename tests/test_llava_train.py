@@ -136,6 +136,7 @@ def test_qlora_updates_only_lora_and_projector_and_reloads_in_4bit(pretrained, l
     assert changed and all("lora_" in n or n.startswith("mm_projector.") for n in changed)
     assert any(n.startswith("mm_projector.") for n in changed) and any("lora_" in n for n in changed)
     trainer.save_model()
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())  # the files are 16-bit
     image = torch.randn(1, 3, 32, 32)
     expected = _logits(model.eval(), tokenizer, image)
     # Reloading in 4-bit keeps the projector a plain Linear (LLaVA #744: [2097152, 1] blobs)
