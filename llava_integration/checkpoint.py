@@ -15,6 +15,7 @@ with load_4bit only the LLM is quantised, so the projector never becomes a [N, 1
 from __future__ import annotations
 
 import json
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -91,7 +92,7 @@ def save_llava(model: LlavaForCausalLM, tokenizer, output_dir: str | Path, *, pr
         save_projector(projector_state, out)
     elif isinstance(lm, PeftModel):
         lm.save_pretrained(str(out), state_dict=lm_state)
-        _point_adapter_at(out, base)
+        _portable_adapter_config(out, base)
         # PeftModel(LlavaLlamaForCausalLM)'s own names (llava/train/train.py:978-984)
         state = {PEFT + PROJECTOR + k: v for k, v in projector_state.items()} | \
             tower_state(model, tower_trained, PEFT)
@@ -107,12 +108,10 @@ def save_llava(model: LlavaForCausalLM, tokenizer, output_dir: str | Path, *, pr
     tokenizer_for_4x(out)
 
 
-def _point_adapter_at(out: Path, base: str) -> None:
+def _portable_adapter_config(out: Path, base: str) -> None:
     """adapter_config.json for the peft that LLaVA's pins allow (transformers 4.37.2 cannot import recent
     peft; peft <= 0.10 passes every key to LoraConfig and fails on newer ones): the fields peft 0.10 has,
     plus any newer field set away from its default. Names the base LLM by its absolute folder."""
-    import os
-
     from peft import LoraConfig
 
     file = out / "adapter_config.json"
