@@ -69,8 +69,13 @@ def tower_name(argv: list[str]) -> str:
     return _flag(argv, *_spellings("vision_tower")) or "llm2clip"
 
 
-def output_dir(kind: str, tower: str) -> Path:
-    return run_dir() / "llava" / tower / kind
+def is_lora(argv: list[str]) -> bool:
+    return str(_flag(argv, *_spellings("lora_enable"))).lower() == "true"
+
+
+def output_dir(kind: str, tower: str, lora: bool = False) -> Path:
+    """Named as stock LLaVA's loader routes: 'llava' in every name, 'lora' in a LoRA output's."""
+    return run_dir() / "llava" / tower / f"llava-{tower}-{kind}{'-lora' if lora else ''}"
 
 
 def training_argv(kind: str, argv: list[str]) -> list[str]:
@@ -83,7 +88,7 @@ def training_argv(kind: str, argv: list[str]) -> list[str]:
         split = "pretrain" if kind == "pretrain" else "instruct"
         full += ["--model_name_or_path", str(run / "stage1/lm"), "--vision_tower", tower,
                  "--data_path", str(run / f"data/llava/train_{split}.json"), "--image_folder", str(run / "data"),
-                 "--output_dir", str(output_dir(kind, tower)), "--seed", "0", *TINY[kind]]
+                 "--output_dir", str(output_dir(kind, tower, is_lora(argv))), "--seed", "0", *TINY[kind]]
         if kind == "finetune" and not _flag(argv, *_spellings("pretrain_mm_mlp_adapter")):
             projector = output_dir("pretrain", tower) / "mm_projector.bin"
             if not projector.is_file():
@@ -128,15 +133,17 @@ def compare(argv: list[str]) -> dict:
         if not (output_dir("pretrain", tower) / "mm_projector.bin").is_file():
             train(*parse(training_argv("pretrain", ["--vision_tower", tower])), progress=False)
         summary = train(*parse(training_argv("finetune", ["--vision_tower", tower, *argv])), progress=False)
-        tokenizer, model, processor, _ = load_pretrained_model(output_dir("finetune", tower))
+        finetuned = output_dir("finetune", tower, is_lora(argv))
+        tokenizer, model, processor, _ = load_pretrained_model(finetuned)
         result = evaluate_vqa(model, tokenizer, processor, run / "data/llava/test_instruct.json", run / "data",
                               progress=False)
-        (output_dir("finetune", tower) / "vqa_predictions.json").write_text(
+        (finetuned / "vqa_predictions.json").write_text(
             json.dumps(result["predictions"], indent=1) + "\n")
         record_vqa(results, tower, result["scores"])
         timings[tower] = {"seconds": round(time.perf_counter() - start, 1), "train": summary}
         print(f"== {tower}: VQA {result['scores']}", flush=True)
-    tokenizer, model, _, _ = load_pretrained_model(output_dir("finetune", "llm2clip"), dtype=torch.float32)
+    tokenizer, model, _, _ = load_pretrained_model(output_dir("finetune", "llm2clip", is_lora(argv)),
+                                                   dtype=torch.float32)
     export_hf_llava(model, tokenizer, run / "llava" / "hf_export")
     data = json.loads(results.read_text())
     data["runs"] = timings

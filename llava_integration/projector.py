@@ -120,9 +120,11 @@ def _zero3_gather(params: list[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
-def load_projector(projector: nn.Module, path: str | Path) -> None:
-    """Load pretrained projector weights, checking widths first so a mismatch names both sides."""
-    weights = read_projector_file(path)
+def load_projector(projector: nn.Module, path: str | Path | dict[str, torch.Tensor]) -> None:
+    """Load pretrained projector weights (a file, or the projector's own state dict read from a full
+    checkpoint), checking widths first so a mismatch names both sides."""
+    weights = dict(path) if isinstance(path, dict) else read_projector_file(path)
+    path = "the checkpoint" if isinstance(path, dict) else path
     params = list(projector.parameters())
     with _zero3_gather(params):
         own = projector.state_dict()

@@ -20,6 +20,7 @@ from torch import nn
 from .arguments import DataArguments, ModelArguments, TrainingArguments, validate
 from .checkpoint import _load_lm, assemble, restore_trainables, save_llava
 from .data import DataCollator, LlavaDataset
+from .layout import llava_folder_name, tower_location
 from .model import LlavaForCausalLM
 
 
@@ -87,6 +88,9 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments,
         model.config.image_grid_pinpoints = parse_grid_pinpoints(data_args.image_grid_pinpoints,
                                                                  model.get_vision_tower().image_size)
     model.config.mm_hidden_size = model.get_vision_tower().hidden_size
+    model.config.mm_vision_tower = tower_location(model.get_vision_tower())  # not an alias: stock LLaVA reads it
+    model.config.mm_patch_merge_type = model_args.mm_patch_merge_type
+    model.config.mm_projector_lr = training_args.mm_projector_lr
     model.config.llm2clip_run_dir = model_args.llm2clip_run_dir
     if model_args.tune_mm_mlp_adapter:
         model.requires_grad_(False)
@@ -227,6 +231,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if training_args.should_save:
         Path(training_args.output_dir, "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if note := llava_folder_name(training_args.output_dir, training_args.lora_enable):
+            print(f"[llava] note: {note} (docs/LLAVA.md, 'Stock LLaVA')", flush=True)
     return summary
 
 

@@ -5,8 +5,8 @@
 #                                           # runs/tiny/llava/results.json and runs/tiny/llava/hf_export/
 #   bash scripts/llava_finetune.sh --vision-tower llm2clip --lora_enable True --bits 4
 #   bash scripts/llava_finetune.sh --model_name_or_path lmsys/vicuna-7b-v1.5 --data_path mix665k.json \
-#       --image_folder data/ --vision_tower runs/tiny/vision_tower --pretrain_mm_mlp_adapter out/pretrain/mm_projector.bin \
-#       --output_dir out/finetune --deepspeed configs/deepspeed/zero3.json
+#       --image_folder data/ --vision_tower runs/tiny/vision_tower --pretrain_mm_mlp_adapter out/llava-7b-pretrain/mm_projector.bin \
+#       --output_dir out/llava-7b-finetune --deepspeed configs/deepspeed/zero3.json
 # Pretrained projectors missing for the tiny preset are trained first.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_llava_common.sh"

@@ -3,7 +3,7 @@
 #   bash scripts/llava_pretrain.sh --vision-tower llm2clip        # tiny preset on the main job's run
 #   bash scripts/llava_pretrain.sh                                # tiny preset, both towers (llm2clip, clip)
 #   bash scripts/llava_pretrain.sh --model_name_or_path lmsys/vicuna-7b-v1.5 --data_path blip_558k.json \
-#       --image_folder images/ --vision_tower runs/tiny/vision_tower --output_dir out/pretrain \
+#       --image_folder images/ --vision_tower runs/tiny/vision_tower --output_dir out/llava-7b-pretrain \
 #       --per_device_train_batch_size 32 --deepspeed configs/deepspeed/zero2.json
 # Flags are LLaVA's (llava/train/train.py; '-' or '_' both work). Writes mm_projector.bin/.safetensors.
 set -euo pipefail

@@ -31,14 +31,16 @@ def test_preset_layers_recipe_tiny_and_user_flags(tmp_path, monkeypatch):
     assert model_args.vision_tower == "clip" and model_args.version == "plain" and model_args.tune_mm_mlp_adapter
     assert training_args.learning_rate == 5e-3  # the user's flag wins over the recipe's 1e-3
     assert data_args.data_path == str(tmp_path / "data/llava/train_pretrain.json")
-    assert training_args.output_dir == str(tmp_path / "llava/clip/pretrain")
+    assert training_args.output_dir == str(tmp_path / "llava/clip/llava-clip-pretrain")  # stock LLaVA's routing
     with pytest.raises(ConfigError, match=r"llava_pretrain\.sh --vision-tower llm2clip"):
         preset.training_argv("finetune", [])  # no pretrained projector yet
-    (tmp_path / "llava/llm2clip/pretrain").mkdir(parents=True)
-    (tmp_path / "llava/llm2clip/pretrain/mm_projector.bin").write_bytes(b"")
+    (tmp_path / "llava/llm2clip/llava-llm2clip-pretrain").mkdir(parents=True)
+    (tmp_path / "llava/llm2clip/llava-llm2clip-pretrain/mm_projector.bin").write_bytes(b"")
     model_args, _, training_args = parse(preset.training_argv("finetune", []))
-    assert model_args.pretrain_mm_mlp_adapter.endswith("llava/llm2clip/pretrain/mm_projector.bin")
+    assert model_args.pretrain_mm_mlp_adapter.endswith("llava/llm2clip/llava-llm2clip-pretrain/mm_projector.bin")
     assert model_args.version == "v1" and training_args.max_steps > 0
+    _, _, lora_args = parse(preset.training_argv("finetune", ["--lora_enable", "True"]))
+    assert lora_args.output_dir.endswith("llava/llm2clip/llava-llm2clip-finetune-lora")
     # with a model and data of your own, the tiny preset stays out of the way
     own = preset.training_argv("finetune", ["--model_name_or_path", "/m", "--data_path", "/d.json"])
     assert str(tmp_path) not in " ".join(own) and "--learning_rate" in own
