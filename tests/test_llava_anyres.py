@@ -198,7 +198,8 @@ def test_reload_keeps_anyres_settings_and_newline(exported, anyres_data):
     assert config["image_aspect_ratio"] == "anyres" and config["image_grid_pinpoints"] == GRIDS
     assert config["mm_patch_merge_type"] == "spatial_unpad"
     tokenizer, model, processor, _ = load_pretrained_model(exported, dtype=torch.float32)
-    saved = load_file(str(exported / "mm_projector.safetensors"))["model.image_newline"]
+    # a full output holds it beside the projector in the model weights, as LLaVA-NeXT's LlavaMetaModel names it
+    saved = load_file(str(exported / "model.safetensors"))["model.image_newline"]
     assert torch.equal(model.image_newline, saved)
     # VQA evaluation tiles its images the same way
     result = evaluate_vqa(model, tokenizer, processor, anyres_data, anyres_data.parent, progress=False)
