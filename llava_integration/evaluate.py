@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from llm2clip.data.images import load_image
+from llm2clip.errors import ConfigError
 
 from .anyres import process_anyres_image
 from .conversation import generation_prompt, get_template, tokenize_prompt
@@ -58,6 +59,11 @@ def evaluate_vqa(model, tokenizer, image_processor, data_path: str | Path, image
     next one in order), which measures how much the answers depend on the image at all."""
     template = get_template(version)
     items = vqa_items(data_path, max_images)
+    if not items:  # a score over no question is no score: say so instead of reporting 0.0
+        raise ConfigError(f"{data_path} holds no question of a type this evaluator scores ({', '.join(TYPES)}: "
+                          f"questions starting {', '.join(repr(p) for p in QUESTION_TYPES)}). It scores the "
+                          "shapes world's VQA; for real benchmarks run lmms-eval on the HF export "
+                          "(docs/MLLM_REPOS.md)")
     if mismatched_images:
         images = sorted({it["image"] for it in items})
         following = dict(zip(images, images[1:] + images[:1], strict=True))

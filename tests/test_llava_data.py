@@ -172,3 +172,16 @@ def test_vqa_items_cover_every_question_type(world):
     items = vqa_items(world / "llava/test_instruct.json")
     assert {it["type"] for it in items} == set(TYPES)
     assert question_type("Describe the image in detail.") is None
+
+
+def test_vqa_eval_on_a_file_without_scorable_questions_is_an_error_not_zero(tmp_path):
+    from llava_integration.evaluate import evaluate_vqa
+    from llm2clip.errors import ConfigError
+
+    # mix665k-style conversations: real questions, none of the shapes world's typed ones
+    data = [{"id": "000000033471", "image": "coco/train2017/000000033471.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat are the colors of the bus in the image?"},
+        {"from": "gpt", "value": "The bus in the image is white and red."}]}]
+    (tmp_path / "mix.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"holds no question of a type this evaluator scores.*lmms-eval"):
+        evaluate_vqa(None, None, None, tmp_path / "mix.json", tmp_path, progress=False)
