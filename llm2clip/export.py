@@ -1,8 +1,9 @@
 """Exports of a trained LLM2CLIP model.
 
-- `export_vision_tower`: a standard HF CLIP vision folder (config.json with model_type
-  'clip_vision_model', model.safetensors, preprocessor_config.json). `CLIPVisionModel.from_pretrained`
-  and `CLIPImageProcessor.from_pretrained` load it unchanged, which is what LLaVA-style repos do.
+- `export_vision_tower`: a standard HF vision folder of the model's family (config.json with model_type
+  'clip_vision_model' or 'siglip_vision_model', model.safetensors in the hub's layout,
+  preprocessor_config.json). `CLIPVisionModel` / `SiglipVisionModel.from_pretrained` and the matching
+  image processor load it unchanged, which is what LLaVA-style repos do.
 - `export_model`: the whole model (vision, projection, adapter, logit scale) as an LLM2CLIP folder,
   loaded with `LLM2CLIP.from_pretrained`.
 """
@@ -12,34 +13,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import ConfigError
 from .files import atomic_dir
 from .model import LLM2CLIP
+from .portable import save_portable
+from .vision import load_vision_model, vision_family
 
 
 def load_clip_vision(name: str | Path, **kwargs):
-    """`CLIPVisionModel.from_pretrained` on a CLIP-vision or full CLIPModel folder (or hub name).
-
-    A full CLIP folder holds the text tower too: those keys are expected to go unused, so the load report
-    is silenced and missing vision keys are checked here instead."""
-    from transformers import CLIPVisionModel
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        vision, info = CLIPVisionModel.from_pretrained(str(name), output_loading_info=True, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if info["missing_keys"]:
-        raise ConfigError(f"{name} lacks vision weights {sorted(info['missing_keys'])[:5]}: point it at a CLIP "
-                          "or CLIP-vision folder")
-    return vision
+    """The vision encoder of a CLIP or SigLIP folder or hub name: llm2clip.vision.load_vision_model."""
+    return load_vision_model(name, **kwargs)
 
 
 def export_vision_tower(model: LLM2CLIP | str | Path, out: str | Path, image_processor=None) -> Path:
     """Write the vision encoder of `model` (an LLM2CLIP, its folder, or an HF CLIPModel folder such as the
-    baseline's) as a plain CLIPVisionModel folder."""
+    baseline's) as a plain CLIPVisionModel or SiglipVisionModel folder."""
     from .data.images import make_image_processor
 
     if not isinstance(model, LLM2CLIP):
@@ -48,14 +35,14 @@ def export_vision_tower(model: LLM2CLIP | str | Path, out: str | Path, image_pro
             vision = load_clip_vision(folder)  # a plain CLIPModel folder: the baseline
         else:
             vision = LLM2CLIP.from_pretrained(folder).vision
-        image_processor = image_processor or make_image_processor(vision.config.image_size, pretrained=folder)
+        image_processor = image_processor or make_image_processor(vision.config.image_size, pretrained=folder,
+                                                                  family=vision_family(vision.config.to_dict()))
     else:
         vision = model.vision
     if image_processor is None:
-        image_processor = make_image_processor(vision.config.image_size)
+        image_processor = make_image_processor(vision.config.image_size, family=vision_family(vision.config.to_dict()))
     with atomic_dir(out) as tmp:
-        vision.save_pretrained(str(tmp))
-        image_processor.save_pretrained(str(tmp))
+        save_portable(vision, tmp, image_processor)
     return Path(out)
 
 
