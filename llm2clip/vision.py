@@ -30,7 +30,7 @@ def vision_family(config: dict, where: str = "this checkpoint") -> str:
     if str(model_type).startswith("siglip2"):
         raise ConfigError(f"{where} is a SigLIP 2 NaFlex model ({model_type}), which needs variable-resolution "
                           "inputs this package does not produce; use a fixed-resolution SigLIP 2 checkpoint "
-                          "(google/siglip2-*-patch16-<size>, model_type siglip) or a SigLIP/CLIP one")
+                          "(e.g. google/siglip2-so400m-patch14-384, model_type siglip) or a SigLIP/CLIP one")
     raise ConfigError(f"{where} has model_type {model_type!r}; the vision encoder must be a CLIP or SigLIP "
                       f"checkpoint (model_type one of {sorted(FAMILIES)})")
 
@@ -77,7 +77,8 @@ def has_cls_token(config) -> bool:
 
 def check_pooled(vision) -> None:
     """LLM2CLIP's image embedding is pooler_output, which SigLIP gives only with its attention-pool head."""
-    if vision.config.model_type == "siglip_vision_model" and not getattr(vision.config, "vision_use_head", True):
+    config = vision.config
+    if getattr(config, "model_type", None) == "siglip_vision_model" and not getattr(config, "vision_use_head", True):
         raise ConfigError("this SigLIP vision model has vision_use_head=false, so no pooled image embedding; "
                           "use a checkpoint with its attention-pooling head (the SigLIP default)")
 

@@ -197,13 +197,17 @@ def test_llava_trains_on_a_siglip_tower_and_exports_to_hf_llava(llava_parts, sig
             "--bf16", "True", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--save_strategy", "no",
             "--disable_tqdm", "True", "--seed", "0", "--model_max_length", "160", "--mm_projector_type",
             "mlp2x_gelu", "--version", "v1", "--learning_rate", "3e-3", "--max_steps", "3",
-            "--image_aspect_ratio", "pad", "--data_path", str(tmp_path / "data.json")]
+            "--image_aspect_ratio", "pad", "--unfreeze_mm_vision_tower", "True",
+            "--data_path", str(tmp_path / "data.json")]
     model_args, data_args, training_args = parse(argv)
     summary = train(model_args, data_args, training_args, progress=False)
     assert summary["last_loss"] < summary["first_loss"] and summary["skipped"] == {}
 
     tokenizer, model, processor, _ = load_pretrained_model(tmp_path / "out", dtype=torch.float32)
     assert model.mm_projector[0].in_features == 32  # projector input = SigLIP hidden size
+    stock = SiglipVisionModel.from_pretrained(siglip_folder)
+    trained = model.get_vision_tower().vision_tower  # the unfrozen tower's trained weights came back
+    assert not torch.equal(trained.encoder.layers[0].mlp.fc1.weight, stock.encoder.layers[0].mlp.fc1.weight)
     dataset = LlavaDataset(data_args, tokenizer, processor, "v1", 160, 16, progress=False)
     assert dataset[0]["image"].shape == dataset[7]["image"].shape == (3, 32, 32)  # image and text-only
 
