@@ -90,6 +90,10 @@ class LLM2CLIPVisionTower(nn.Module):
         return vision_config_from_dict(config)
 
     def _set_family(self, config) -> None:
+        if config.model_type == "siglip2_vision_model":
+            raise ConfigError(f"{self.vision_tower_name} is a SigLIP 2 NaFlex tower, which takes patchified inputs "
+                              "that LLaVA and HF Llava do not produce; use a SigLIP or CLIP tower (a fixed-resolution "
+                              "SigLIP 2 checkpoint is a SigLIP one)")
         self.has_cls = has_cls_token(config)
         if self.select_feature == "cls_patch" and not self.has_cls:
             raise ConfigError(f"mm_vision_select_feature='cls_patch' needs a CLS token, which the SigLIP tower "

@@ -1,8 +1,8 @@
 """Exports of a trained LLM2CLIP model.
 
 - `export_vision_tower`: a standard HF vision folder of the model's family (config.json with model_type
-  'clip_vision_model' or 'siglip_vision_model', model.safetensors in the hub's layout,
-  preprocessor_config.json). `CLIPVisionModel` / `SiglipVisionModel.from_pretrained` and the matching
+  'clip_vision_model', 'siglip_vision_model' or 'siglip2_vision_model', model.safetensors in the hub's
+  layout, preprocessor_config.json). `CLIPVisionModel` / `Siglip(2)VisionModel.from_pretrained` and the matching
   image processor load it unchanged, which is what LLaVA-style repos do.
 - `export_model`: the whole model (vision, projection, adapter, logit scale) as an LLM2CLIP folder,
   loaded with `LLM2CLIP.from_pretrained`.
@@ -16,7 +16,7 @@ from pathlib import Path
 from .files import atomic_dir
 from .model import LLM2CLIP
 from .portable import save_portable
-from .vision import load_vision_model, vision_family
+from .vision import image_size, load_vision_model, vision_family
 
 
 def load_clip_vision(name: str | Path, **kwargs):
@@ -26,8 +26,9 @@ def load_clip_vision(name: str | Path, **kwargs):
 
 def export_vision_tower(model: LLM2CLIP | str | Path, out: str | Path, image_processor=None) -> Path:
     """Write the vision encoder of `model` (an LLM2CLIP, its folder, or an HF CLIPModel folder such as the
-    baseline's) as a plain CLIPVisionModel or SiglipVisionModel folder."""
-    from .data.images import make_image_processor
+    baseline's) as a plain CLIP/Siglip/Siglip2VisionModel folder. SigLIP 2 (NaFlex) gets the
+    Siglip2ImageProcessor equivalent of the square processor it was trained with."""
+    from .data.images import make_image_processor, naflex_processor
 
     if not isinstance(model, LLM2CLIP):
         folder = Path(model)
@@ -35,12 +36,15 @@ def export_vision_tower(model: LLM2CLIP | str | Path, out: str | Path, image_pro
             vision = load_clip_vision(folder)  # a plain CLIPModel folder: the baseline
         else:
             vision = LLM2CLIP.from_pretrained(folder).vision
-        image_processor = image_processor or make_image_processor(vision.config.image_size, pretrained=folder,
+        image_processor = image_processor or make_image_processor(image_size(vision.config), pretrained=folder,
                                                                   family=vision_family(vision.config.to_dict()))
     else:
         vision = model.vision
+    family = vision_family(vision.config.to_dict())
     if image_processor is None:
-        image_processor = make_image_processor(vision.config.image_size, family=vision_family(vision.config.to_dict()))
+        image_processor = make_image_processor(image_size(vision.config), family=family)
+    if family == "siglip2" and not type(image_processor).__name__.startswith("Siglip2"):
+        image_processor = naflex_processor(image_processor, vision.config.patch_size)
     with atomic_dir(out) as tmp:
         save_portable(vision, tmp, image_processor)
     return Path(out)

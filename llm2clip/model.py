@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .guards import require_finite_vectors
-from .vision import build_vision, check_pooled
+from .vision import build_vision, check_pooled, vision_inputs
 
 MODEL_TYPE = "llm2clip"
 
@@ -92,7 +92,7 @@ class TextAdapter(nn.Module):
 
 class LLM2CLIP(nn.Module):
     def __init__(self, vision: nn.Module, llm_dim: int, cfg: ModelConfig, embedder_ref: dict | None = None):
-        """`vision`: a transformers CLIPVisionModel or SiglipVisionModel (llm2clip.vision). `embedder_ref`:
+        """`vision`: a transformers CLIP/Siglip/Siglip2VisionModel (llm2clip.vision). `embedder_ref`:
         {'config', 'fingerprint'} of the stage-1 embedder whose vectors the adapter reads (lets encode_text
         take texts)."""
         super().__init__()
@@ -110,7 +110,8 @@ class LLM2CLIP(nn.Module):
     # -- encoders --------------------------------------------------------------------------------------
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """[B, 3, H, W] -> [B, E]."""
-        pooled = self.vision(pixel_values=pixel_values).pooler_output  # [B, W]: CLS (CLIP) / head (SigLIP)
+        inputs = vision_inputs(self.vision.config, pixel_values)  # SigLIP 2: patchified, llm2clip.vision
+        pooled = self.vision(**inputs).pooler_output  # [B, W]: CLS (CLIP) / head (SigLIP)
         features = self.visual_projection(pooled)
         return F.normalize(features, dim=-1) if normalize else features
 

@@ -52,14 +52,9 @@ def test_siglip_processor_resizes_to_a_square_with_half_normalisation(siglip_fol
     torch.testing.assert_close(pixels[0, 1], -torch.ones(32, 32))
 
 
-def test_siglip2_naflex_and_unknown_encoders_are_refused_by_name(tmp_path):
-    from transformers import CLIPTextConfig, Siglip2VisionConfig, Siglip2VisionModel
+def test_unknown_encoders_and_headless_siglip_are_refused_by_name(tmp_path):
+    from transformers import CLIPTextConfig
 
-    Siglip2VisionModel(Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                           num_attention_heads=2, patch_size=8, num_patches=16)).save_pretrained(
-        tmp_path / "s2")
-    with pytest.raises(ConfigError, match=r"SigLIP 2 NaFlex .* fixed-resolution SigLIP 2 checkpoint"):
-        load_vision_model(tmp_path / "s2")
     CLIPTextConfig().save_pretrained(tmp_path / "text")
     with pytest.raises(ConfigError, match="must be a CLIP or SigLIP checkpoint"):
         load_vision_model(tmp_path / "text")
@@ -227,3 +222,58 @@ def test_llava_trains_on_a_siglip_tower_and_exports_to_hf_llava(llava_parts, sig
                      images=inputs["pixel_values"]).logits
     assert hf_logits.shape[1] == ours.shape[1]
     torch.testing.assert_close(hf_logits[..., : ours.shape[-1]], ours, atol=1e-4, rtol=1e-4)
+
+
+def test_siglip2_naflex_trains_in_stage2_and_exports_with_its_own_processor(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import AutoImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
+
+    from llava_integration.builder import build_vision_tower
+    from llm2clip.data.images import naflex_processor
+    from llm2clip.vision import vision_inputs
+
+    torch.manual_seed(0)
+    Siglip2VisionModel(Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, patch_size=8, num_patches=16)).save_pretrained(
+        tmp_path / "s2")
+    naflex_processor(make_image_processor(32, family="siglip2"), 8).save_pretrained(tmp_path / "s2")
+    cfg = load_config(None, [f"vision.model={tmp_path / 's2'}", "stage2.model.loss=siglip", "data.image_size=32",
+                             "stage2.model.embed_dim=16", "stage2.model.adapter_depth=1"])
+    model = build_llm2clip(cfg, LLM_DIM, None).eval()
+    image = Image.fromarray((torch.rand(50, 50, 3, generator=torch.Generator().manual_seed(5)) * 255).byte().numpy())
+    hf_inputs = AutoImageProcessor.from_pretrained(tmp_path / "s2")(images=image, return_tensors="pt")
+    assert hf_inputs["spatial_shapes"].tolist() == [[4, 4]]
+    pixels = processor_for(cfg)(images=image, return_tensors="pt")["pixel_values"]  # [1, 3, 32, 32] square
+    ours = vision_inputs(model.vision.config, pixels)  # patchified as Siglip2ImageProcessor does
+    torch.testing.assert_close(ours["pixel_values"], hf_inputs["pixel_values"])
+    with torch.no_grad():
+        stock = Siglip2VisionModel.from_pretrained(tmp_path / "s2").eval()
+        torch.testing.assert_close(model.encode_image(pixels, normalize=False),
+                                   model.visual_projection(stock(**hf_inputs).pooler_output))
+
+    g = torch.Generator().manual_seed(3)
+    captions = [{"short_caption": f"s{i}", "long_caption": f"l{i}"} for i in range(N)]
+    images = ImageSet([f"k{i}" for i in range(N)], torch.randn(N, 3, 32, 32, generator=g), captions, stats=None)
+    run = TrainConfig(steps=4, batch_size=N, lr=1e-3, warmup_steps=0, checkpoint_every=0, out=str(tmp_path / "run"),
+                      precision="fp32")
+    summary = train_contrastive(model.train(), Vectors(), images,
+                                CaptionSampler("short_caption", ["long_caption"], 0.0, 0), run, name="siglip2",
+                                loss="siglip", progress=False, device=torch.device("cpu"))
+    assert summary["skipped_nonfinite"] == 0 and summary["loss_last"] < summary["loss_first"]
+
+    model.eval()
+    export_vision_tower(model, tmp_path / "tower", processor_for(cfg))  # the square one becomes NaFlex's
+    assert json.loads((tmp_path / "tower/config.json").read_text())["model_type"] == "siglip2_vision_model"
+    saved = json.loads((tmp_path / "tower/preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == "Siglip2ImageProcessor" and saved["max_num_patches"] == 16
+    exported, info = Siglip2VisionModel.from_pretrained(tmp_path / "tower", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    hf_inputs = AutoImageProcessor.from_pretrained(tmp_path / "tower")(images=image, return_tensors="pt")
+    with torch.no_grad():
+        theirs = exported.eval()(**hf_inputs, output_hidden_states=True)
+        mine = model.vision(**vision_inputs(model.vision.config, pixels), output_hidden_states=True)
+    for a, b in zip(mine.hidden_states, theirs.hidden_states, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ConfigError, match="SigLIP 2 NaFlex tower"):
+        build_vision_tower(SimpleNamespace(mm_vision_tower=str(tmp_path / "tower")))

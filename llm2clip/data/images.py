@@ -9,7 +9,6 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import ConfigError
 from ..vision import PROCESSORS
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -57,32 +56,34 @@ def _processor_class(name: str):
         return getattr(transformers, name + "Pil")
 
 
-def _pretrained_family(folder: Path) -> str:
-    """'siglip' when the folder's preprocessor_config.json names a SigLIP processor, else 'clip'."""
-    kind = str(json.loads((folder / "preprocessor_config.json").read_text()).get("image_processor_type", ""))
-    if kind.startswith("Siglip2"):
-        raise ConfigError(f"{folder}: a SigLIP 2 NaFlex image processor ({kind}) is not supported; use a "
-                          "fixed-resolution SigLIP 2 checkpoint (SiglipImageProcessor)")
-    return "siglip" if kind.startswith("Siglip") else "clip"
+def _square(image_size: int, saved: dict):
+    """SigLIP's processor: resize to image_size x image_size (no crop), then normalise."""
+    return _processor_class("SiglipImageProcessor")(
+        size={"height": image_size, "width": image_size}, image_mean=list(saved.get("image_mean", [0.5] * 3)),
+        image_std=list(saved.get("image_std", [0.5] * 3)), resample=saved.get("resample", 3), do_convert_rgb=True)
 
 
 def make_image_processor(image_size: int = 224, pretrained: str | Path | None = None, family: str | None = None):
-    """The image processor of a vision family (llm2clip.vision):
+    """The image processor of a vision family (llm2clip.vision), one [3, H, W] tensor per image:
 
-        clip    CLIPImageProcessor: resize shortest edge, center crop, OpenAI normalisation
-        siglip  SiglipImageProcessor: resize to a square (no crop), mean = std = 0.5
+        clip     CLIPImageProcessor: resize shortest edge, center crop, OpenAI normalisation
+        siglip   SiglipImageProcessor: resize to a square (no crop), mean = std = 0.5
+        siglip2  the same square, bilinear as Siglip2ImageProcessor (the model patchifies it)
 
-    `pretrained`: a checkpoint folder with preprocessor_config.json, whose settings win; its processor
-    type decides the family when `family` is None (default: clip).
+    `pretrained`: a checkpoint folder with preprocessor_config.json, whose settings win (a SigLIP 2
+    NaFlex one lends its normalisation and resampling to the square at image_size); its processor type
+    decides the family when `family` is None (default: clip).
     """
     config = Path(pretrained) / "preprocessor_config.json" if pretrained is not None else None
     if config is not None and config.is_file():
-        return _processor_class(PROCESSORS[family or _pretrained_family(config.parent)]).from_pretrained(
-            str(pretrained))
-    if (family or "clip") == "siglip":
-        return _processor_class("SiglipImageProcessor")(
-            size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-            do_convert_rgb=True)
+        saved = json.loads(config.read_text())
+        kind = str(saved.get("image_processor_type", ""))
+        if kind.startswith("Siglip2"):
+            return _square(image_size, saved)
+        family = family or ("siglip" if kind.startswith("Siglip") else "clip")
+        return _processor_class(PROCESSORS[family]).from_pretrained(str(pretrained))
+    if family in ("siglip", "siglip2"):
+        return _square(image_size, {"resample": 2} if family == "siglip2" else {})  # PIL bilinear / bicubic
     return _processor_class("CLIPImageProcessor")(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -90,3 +91,13 @@ def make_image_processor(image_size: int = 224, pretrained: str | Path | None = 
         image_std=list(OPENAI_CLIP_STD),
         do_convert_rgb=True,
     )
+
+
+def naflex_processor(square, patch_size: int):
+    """The Siglip2ImageProcessor that gives a SigLIP 2 model what `square` + llm2clip.vision.vision_inputs
+    give it for square images: the (size / patch)^2 grid, same normalisation and resampling."""
+    side = square.size["height"] // patch_size
+    return _processor_class("Siglip2ImageProcessor")(
+        patch_size=patch_size, max_num_patches=side * side, image_mean=list(square.image_mean),
+        image_std=list(square.image_std), resample=square.resample)
+
