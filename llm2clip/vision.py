@@ -18,8 +18,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
-
 from .errors import ConfigError
 
 # model_type -> family; the whole-model types (clip, siglip, siglip2) hold the vision tower's weights too
@@ -89,13 +87,15 @@ def image_size(config) -> int:
     return side * config.patch_size
 
 
-def vision_inputs(config, pixels: torch.Tensor) -> dict:
+def vision_inputs(config, pixels) -> dict:
     """Keyword inputs of the vision model for square images pixels [B, 3, H, W].
 
     SigLIP 2 (NaFlex) gets Siglip2ImageProcessor's layout: patches [B, N, p*p*3] in row-major grid
     order, each patch's pixels row by row with the channels last, every patch valid."""
     if getattr(config, "model_type", None) != "siglip2_vision_model":
         return {"pixel_values": pixels}
+    import torch  # here: data readers import this module and need no torch
+
     p = config.patch_size
     b, c, h, w = pixels.shape
     if h % p or w % p:
