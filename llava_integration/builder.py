@@ -4,6 +4,7 @@
     'clip'      -> <run dir>/clip_vision_tower    the CLIP baseline of the same run, same data and steps
     a local folder (exported tower, whole LLM2CLIP folder, HF CLIP folder)
     'openai/...' or 'laion/...' hub names       -> plain HF CLIP, as LLaVA loads them
+    hub names containing 'siglip'               -> plain HF SigLIP, as LLaVA-NeXT routes them
 
 The run dir is `llm2clip_run_dir` on the config, else $LLM2CLIP_RUN_DIR, else runs/tiny. Any other
 name is refused like LLaVA does ("Unknown vision tower"), but the message says how to fix it.
@@ -39,11 +40,11 @@ def resolve_vision_tower(name: str, cfg=None) -> str:
             raise ConfigError(f"vision tower folder {name} has no config.json; export one with "
                               "llm2clip's export_vision_tower or point at an HF CLIP folder")
         return name
-    if name.startswith(HUB_PREFIXES) or "ShareGPT4V" in name:
+    if name.startswith(HUB_PREFIXES) or "ShareGPT4V" in name or "siglip" in name.lower():
         return name
     raise ConfigError(f"Unknown vision tower: '{name}'. Use 'llm2clip', 'clip', a local folder, or an "
-                      "'openai/...'/'laion/...' CLIP name; a checkpoint moved from another machine needs "
-                      "its config.json 'mm_vision_tower' pointed at a local path")
+                      "'openai/...'/'laion/...' CLIP or a '...siglip...' name; a checkpoint moved from another "
+                      "machine needs its config.json 'mm_vision_tower' pointed at a local path")
 
 
 def build_vision_tower(vision_tower_cfg, **kwargs) -> LLM2CLIPVisionTower:

@@ -1,6 +1,7 @@
 """Export to transformers' own `LlavaForConditionalGeneration` (no custom code, no trust_remote_code).
 
-    vision_config  the tower's CLIPVisionConfig (model_type 'clip_vision_model')
+    vision_config  the tower's CLIPVisionConfig or SiglipVisionConfig ('clip_vision_model' /
+                   'siglip_vision_model'); SigLIP has no CLS token, so its strategy is 'full'
     projector      mm_projector.0 / .2  ->  multi_modal_projector.linear_1 / linear_2 (mlp2x_gelu only:
                    HF's projector is always Linear-GELU-Linear)
     LLM            the (LoRA-merged) causal LM as text_config / language_model + lm_head
@@ -88,18 +89,20 @@ def to_hf_llava(model: LlavaForCausalLM, tokenizer):
                           "hf_export_next.export_hf_llava_next (LlavaNextForConditionalGeneration)")
     tower = model.get_vision_tower()
     lm, text_config, tokenizer, image_token_id = hf_parts(model, tokenizer)
-    full = tower.select_feature == "cls_patch"
+    # 'default' drops the CLS token, which only CLIP has; SigLIP's tokens are all patches
+    full = tower.select_feature == "cls_patch" or not tower.has_cls
+    extra = int(tower.has_cls)  # image tokens besides the patches (LlavaProcessor's count)
     config = LlavaConfig(
         vision_config=tower.config.to_dict(), text_config=text_config.to_dict(), image_token_index=image_token_id,
         projector_hidden_act="gelu", vision_feature_select_strategy="full" if full else "default",
-        vision_feature_layer=tower.select_layer, image_seq_length=tower.num_patches + int(full),
+        vision_feature_layer=tower.select_layer, image_seq_length=tower.num_patches + int(full) * extra,
         multimodal_projector_bias=True, tie_word_embeddings=text_config.tie_word_embeddings)
     hf = LlavaForConditionalGeneration(config).to(torch.float32).eval()
     copy_weights(hf, model, lm, len(tokenizer))
     processor = LlavaProcessor(image_processor=tower.image_processor, tokenizer=tokenizer,
                                patch_size=tower.patch_size, vision_feature_select_strategy=config.
                                vision_feature_select_strategy, image_token="<image>",
-                               num_additional_image_tokens=1, chat_template=V1_CHAT_TEMPLATE)
+                               num_additional_image_tokens=extra, chat_template=V1_CHAT_TEMPLATE)
     return hf, processor
 
 

@@ -50,6 +50,9 @@ def to_hf_llava_next(model: LlavaForCausalLM, tokenizer):
         raise ConfigError(f"transformers' LlavaNext implements mm_patch_merge_type 'spatial_unpad' on patch "
                           f"features only; this model has '{model.merge_type}' on '{tower.select_feature}'. "
                           "Train with --mm_patch_merge_type spatial_unpad --mm_vision_select_feature patch")
+    if not tower.has_cls:
+        raise ConfigError("the LlavaNext export is built for CLIP towers (its 'default' strategy drops a CLS "
+                          "token); this tower has none (SigLIP): export a square-image model with export_hf_llava")
     lm, text_config, tokenizer, image_token_id = hf_parts(model, tokenizer)
     config = LlavaNextConfig(
         vision_config=tower.config.to_dict(), text_config=text_config.to_dict(), image_token_index=image_token_id,

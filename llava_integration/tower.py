@@ -6,7 +6,9 @@ One class satisfies LLaVA, LLaVA-NeXT, ShareGPT4V, Bunny, MGM and Cambrian (docs
     features = tower(images)     # [B, 3, H, W] or a list of [3, H, W]  ->  [B, N, C], input dtype
 
 It loads (1) our exported vision folder, (2) a whole LLM2CLIP folder (its vision encoder),
-(3) any standard HF CLIP folder, vision-only or full CLIPModel, local or an OpenAI/LAION hub name.
+(3) any standard HF CLIP or SigLIP folder, vision-only or a whole model, local or a hub name.
+SigLIP has no CLS token: `patch` keeps every token (LLaVA-NeXT's SigLipVisionTower: 729 for
+so400m-384 at the penultimate layer) and `cls_patch` is refused.
 Gradients follow `unfreeze_mm_vision_tower` (LLaVA-NeXT, Cambrian) instead of a hard `no_grad`, and
 the forward pass autocasts when the tower's parameters have mixed dtypes (QLoRA casts every '*norm*'
 module to fp32 while the rest is bf16: LLaVA #1712, #785, #774).
@@ -19,29 +21,38 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig
+from transformers import PretrainedConfig
 
 from llm2clip.errors import ConfigError
+from llm2clip.vision import FAMILIES, has_cls_token, read_config, vision_config_from_dict, vision_family
 
 SELECT_FEATURES = ("patch", "cls_patch")
 
 
 def folder_kind(path: str | Path) -> str | None:
-    """'llm2clip' for a whole LLM2CLIP folder, 'clip' for an HF CLIP(-vision) folder, None otherwise."""
+    """'llm2clip' for a whole LLM2CLIP folder, 'clip' / 'siglip' for an HF CLIP / SigLIP folder (vision-only
+    or whole model), None otherwise."""
     config = Path(path) / "config.json"
     if not config.is_file():
         return None
     model_type = json.loads(config.read_text()).get("model_type")
-    return {"llm2clip": "llm2clip", "clip": "clip", "clip_vision_model": "clip"}.get(model_type)
+    return "llm2clip" if model_type == "llm2clip" else FAMILIES.get(model_type)
 
 
-def _image_processor(name: str, image_size: int | None = None):
-    """The folder's CLIPImageProcessor (transformers' PIL-backed class when torchvision is absent)."""
+def _image_processor(name: str, config):
+    """The folder's image processor of the tower's family (transformers' PIL-backed class when torchvision
+    is absent). A SigLIP processor resizes to a square and has no crop_size, which LLaVA reads for
+    text-only samples (`crop_size['height']`): it gets the square size, as LLaVA-NeXT's SigLIP one has."""
     from llm2clip.data.images import make_image_processor
 
+    family = vision_family(config.to_dict())
     if Path(name).is_dir():
-        return make_image_processor(image_size or 224, pretrained=name)
-    return type(make_image_processor()).from_pretrained(name)
+        processor = make_image_processor(config.image_size, pretrained=name, family=family)
+    else:
+        processor = type(make_image_processor(family=family)).from_pretrained(name)
+    if getattr(processor, "crop_size", None) is None:
+        processor.crop_size = {"height": processor.size["height"], "width": processor.size["width"]}
+    return processor
 
 
 def _arg(args, cfg, name: str, default):
@@ -67,13 +78,26 @@ class LLM2CLIPVisionTower(nn.Module):
             self.load_model()
         else:
             self.cfg_only = self._load_config()
+            self._set_family(self.cfg_only)
 
     # -- loading ------------------------------------------------------------------------------------
-    def _load_config(self) -> CLIPVisionConfig:
-        if folder_kind(self.vision_tower_name) == "llm2clip":
-            config = json.loads((Path(self.vision_tower_name) / "config.json").read_text())
-            return CLIPVisionConfig.from_dict(config["vision_config"])
-        return CLIPVisionConfig.from_pretrained(self.vision_tower_name)
+    def _load_config(self) -> PretrainedConfig:
+        config = read_config(self.vision_tower_name)
+        if config.get("model_type") == "llm2clip":
+            return vision_config_from_dict(config["vision_config"])
+        if "vision_config" in config and config.get("model_type") in ("clip", "siglip"):  # a whole CLIP/SigLIP
+            config = {**config["vision_config"], "model_type": config["model_type"] + "_vision_model"}
+        return vision_config_from_dict(config)
+
+    def _set_family(self, config) -> None:
+        if config.model_type == "siglip2_vision_model":
+            raise ConfigError(f"{self.vision_tower_name} is a SigLIP 2 NaFlex tower, which takes patchified inputs "
+                              "that LLaVA and HF Llava do not produce; use a SigLIP or CLIP tower (a fixed-resolution "
+                              "SigLIP 2 checkpoint is a SigLIP one)")
+        self.has_cls = has_cls_token(config)
+        if self.select_feature == "cls_patch" and not self.has_cls:
+            raise ConfigError(f"mm_vision_select_feature='cls_patch' needs a CLS token, which the SigLIP tower "
+                              f"{self.vision_tower_name} has none of; use 'patch' (all of its tokens)")
 
     def load_model(self, device_map=None) -> None:
         if self.is_loaded:  # idempotent: LLaVA's builder and initialize_vision_modules both call it
@@ -83,20 +107,20 @@ class LLM2CLIPVisionTower(nn.Module):
             from llm2clip.model import LLM2CLIP
 
             model = LLM2CLIP.from_pretrained(name).vision
-            self.image_processor = _image_processor(name, model.config.image_size)
         else:
-            from llm2clip.export import load_clip_vision
+            from llm2clip.vision import load_vision_model
 
-            model = load_clip_vision(name, device_map=device_map)
-            self.image_processor = _image_processor(name)
+            model = load_vision_model(name, device_map=device_map)
+        self._set_family(model.config)
+        self.image_processor = _image_processor(name, model.config)
         self.vision_tower = model
         self.vision_tower.requires_grad_(self.unfreeze_mm_vision_tower)
         self.is_loaded = True
 
     # -- forward ------------------------------------------------------------------------------------
     def feature_select(self, outputs) -> torch.Tensor:
-        features = outputs.hidden_states[self.select_layer]  # [B, 1 + N, C]
-        return features[:, 1:] if self.select_feature == "patch" else features
+        features = outputs.hidden_states[self.select_layer]  # [B, 1 + N, C] (CLIP) or [B, N, C] (SigLIP)
+        return features[:, 1:] if self.select_feature == "patch" and self.has_cls else features
 
     def _mixed_dtypes(self) -> bool:
         return len({p.dtype for p in self.vision_tower.parameters()}) > 1
@@ -132,7 +156,7 @@ class LLM2CLIPVisionTower(nn.Module):
         return self.vision_tower.device if self.is_loaded else torch.device("cpu")
 
     @property
-    def config(self) -> CLIPVisionConfig:
+    def config(self) -> PretrainedConfig:
         return self.vision_tower.config if self.is_loaded else self.cfg_only
 
     @property

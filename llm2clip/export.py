@@ -1,9 +1,10 @@
 """Exports of a trained LLM2CLIP model.
 
-- `export_vision_tower`: a standard HF CLIP vision folder (config.json with model_type
-  'clip_vision_model', model.safetensors, preprocessor_config.json). `CLIPVisionModel.from_pretrained`
-  and `CLIPImageProcessor.from_pretrained` load it unchanged, which is what LLaVA-style repos do. It is
-  written in the hub's layout (`vision_model.*`) so transformers 4.x reads it too (llm2clip/portable.py).
+- `export_vision_tower`: a standard HF vision folder of the model's family (config.json with model_type
+  'clip_vision_model', 'siglip_vision_model' or 'siglip2_vision_model', model.safetensors in the hub's
+  layout, preprocessor_config.json). `CLIPVisionModel` / `Siglip(2)VisionModel.from_pretrained` and the matching
+  image processor load it unchanged, which is what LLaVA-style repos do. transformers 4.x reads it
+  too (llm2clip/portable.py).
 - `export_model`: the whole model (vision, projection, adapter, logit scale) as an LLM2CLIP folder,
   loaded with `LLM2CLIP.from_pretrained`.
 """
@@ -15,36 +16,22 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
 from .files import atomic_dir
 from .model import LLM2CLIP
 from .portable import ExportError, save_portable
+from .vision import image_size, load_vision_model, vision_family
 
 
 def load_clip_vision(name: str | Path, **kwargs):
-    """`CLIPVisionModel.from_pretrained` on a CLIP-vision or full CLIPModel folder (or hub name).
-
-    A full CLIP folder holds the text tower too: those keys are expected to go unused, so the load report
-    is silenced and missing vision keys are checked here instead."""
-    from transformers import CLIPVisionModel
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        vision, info = CLIPVisionModel.from_pretrained(str(name), output_loading_info=True, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if info["missing_keys"]:
-        raise ConfigError(f"{name} lacks vision weights {sorted(info['missing_keys'])[:5]}: point it at a CLIP "
-                          "or CLIP-vision folder")
-    return vision
+    """The vision encoder of a CLIP or SigLIP folder or hub name: llm2clip.vision.load_vision_model."""
+    return load_vision_model(name, **kwargs)
 
 
 def export_vision_tower(model: LLM2CLIP | str | Path, out: str | Path, image_processor=None) -> Path:
     """Write the vision encoder of `model` (an LLM2CLIP, its folder, or an HF CLIPModel folder such as the
-    baseline's) as a plain CLIPVisionModel folder."""
-    from .data.images import make_image_processor
+    baseline's) as a plain CLIP/Siglip/Siglip2VisionModel folder. SigLIP 2 (NaFlex) gets the
+    Siglip2ImageProcessor equivalent of the square processor it was trained with."""
+    from .data.images import make_image_processor, naflex_processor
 
     if not isinstance(model, LLM2CLIP):
         folder = Path(model)
@@ -52,11 +39,15 @@ def export_vision_tower(model: LLM2CLIP | str | Path, out: str | Path, image_pro
             vision = load_clip_vision(folder)  # a plain CLIPModel folder: the baseline
         else:
             vision = LLM2CLIP.from_pretrained(folder).vision
-        image_processor = image_processor or make_image_processor(vision.config.image_size, pretrained=folder)
+        image_processor = image_processor or make_image_processor(image_size(vision.config), pretrained=folder,
+                                                                  family=vision_family(vision.config.to_dict()))
     else:
         vision = model.vision
+    family = vision_family(vision.config.to_dict())
     if image_processor is None:
-        image_processor = make_image_processor(vision.config.image_size)
+        image_processor = make_image_processor(image_size(vision.config), family=family)
+    if family == "siglip2" and not type(image_processor).__name__.startswith("Siglip2"):
+        image_processor = naflex_processor(image_processor, vision.config.patch_size)
     with atomic_dir(out) as tmp:
         save_portable(vision, tmp, image_processor)  # hub layout, reloaded and checked before the rename
     return Path(out)

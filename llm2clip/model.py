@@ -1,11 +1,12 @@
 """The LLM2CLIP model: a CLIP vision encoder and a small adapter on frozen LLM caption embeddings.
 
-    image  [B, 3, H, W] -> CLIPVisionModel -> pooled [B, W] -> visual_projection -> [B, E]
+    image  [B, 3, H, W] -> CLIP/SigLIP vision model -> pooled [B, W] -> visual_projection -> [B, E]
     vector [B, D] (cached LLM embedding) -> L2-normalise -> TextAdapter -> [B, E]
 
 `TextAdapter` is LLM2CLIP's TextProj (FuseMix's inverted-bottleneck MLP): `depth` pre-LayerNorm
 residual blocks Linear(D, 2D) -> GELU -> Linear(2D, D), then LayerNorm and Linear(D, E). The visual
-projection is initialised fresh, as LLM2CLIP re-initialises CLIP's.
+projection is initialised fresh, as LLM2CLIP re-initialises CLIP's. The pooled image feature is the
+vision model's pooler_output: CLIP's post-LayerNorm CLS token, SigLIP's attention-pooling head.
 
 A saved folder holds config.json, model.safetensors and preprocessor_config.json; `encode_text` takes
 LLM vectors, or texts when the folder names the stage-1 embedder it was trained against.
@@ -26,6 +27,7 @@ from torch import nn
 from .errors import ConfigError
 from .guards import require_finite_vectors
 from .portable import canonical_key, load_vision_layout, portable_config
+from .vision import build_vision, check_pooled, vision_inputs
 
 MODEL_TYPE = "llm2clip"
 
@@ -91,10 +93,12 @@ class TextAdapter(nn.Module):
 
 class LLM2CLIP(nn.Module):
     def __init__(self, vision: nn.Module, llm_dim: int, cfg: ModelConfig, embedder_ref: dict | None = None):
-        """`vision`: a transformers CLIPVisionModel. `embedder_ref`: {'config', 'fingerprint'} of the
-        stage-1 embedder whose vectors the adapter reads (lets encode_text take texts)."""
+        """`vision`: a transformers CLIP/Siglip/Siglip2VisionModel (llm2clip.vision). `embedder_ref`:
+        {'config', 'fingerprint'} of the stage-1 embedder whose vectors the adapter reads (lets encode_text
+        take texts)."""
         super().__init__()
         cfg.validate()
+        check_pooled(vision)
         self.cfg, self.llm_dim, self.embedder_ref = cfg, llm_dim, embedder_ref
         self.vision = vision
         self.visual_projection = nn.Linear(vision.config.hidden_size, cfg.embed_dim, bias=False)
@@ -107,7 +111,8 @@ class LLM2CLIP(nn.Module):
     # -- encoders --------------------------------------------------------------------------------------
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """[B, 3, H, W] -> [B, E]."""
-        pooled = self.vision(pixel_values=pixel_values).pooler_output  # [B, W]: post-LayerNorm CLS
+        inputs = vision_inputs(self.vision.config, pixel_values)  # SigLIP 2: patchified, llm2clip.vision
+        pooled = self.vision(**inputs).pooler_output  # [B, W]: CLS (CLIP) / head (SigLIP)
         features = self.visual_projection(pooled)
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -176,17 +181,16 @@ class LLM2CLIP(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> LLM2CLIP:
         from safetensors.torch import load_file
-        from transformers import CLIPVisionConfig, CLIPVisionModel
 
         folder = Path(folder)
         config_file = folder / "config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         if config.get("model_type") != MODEL_TYPE:
             raise ConfigError(f"{folder} is not an LLM2CLIP model folder (config.json model_type must be "
-                              f"'{MODEL_TYPE}'); for a vision tower alone use CLIPVisionModel.from_pretrained")
+                              f"'{MODEL_TYPE}'); for a vision tower alone use llm2clip.vision.load_vision_model")
         names = {f for f in ModelConfig.__dataclass_fields__}
         cfg = ModelConfig(**{k: v for k, v in config.items() if k in names})
-        vision = CLIPVisionModel(CLIPVisionConfig.from_dict(config["vision_config"]))
+        vision = build_vision(config["vision_config"])
         model = cls(vision, config["llm_dim"], cfg, config.get("embedder"))
         state = load_vision_layout(load_file(str(folder / "model.safetensors"), device=str(device)), "vision.")
         model.load_state_dict(state)

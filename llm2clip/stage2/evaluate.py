@@ -17,7 +17,7 @@ from ..eval import evaluate_retrieval
 from ..model import LLM2CLIP
 from ..precision import bf16_autocast
 from .data import CachedVectors, LiveVectors
-from .runs import load_images, model_folder, pretrained_clip_folder, processor_for
+from .runs import load_images, model_folder, pretrained_clip_folder, processor_for, vision_model_family
 
 
 def caption_sets(cfg) -> dict[str, list[str]]:
@@ -91,7 +91,8 @@ def run_eval(cfg, progress: bool = True, models: tuple[str, ...] = ("clip_pretra
                                                      device),
         "llm2clip": lambda: llm2clip_encoders(cfg, LLM2CLIP.from_pretrained(model_folder(stage2.llm2clip)), device),
     }
-    available = {"clip_pretrained": stage2.clip_pretrain.enabled or cfg.vision.model != "tiny",
+    available = {"clip_pretrained": stage2.clip_pretrain.enabled or (cfg.vision.model != "tiny"
+                                                                      and vision_model_family(cfg) == "clip"),
                  "clip_finetuned": (model_folder(stage2.clip_finetune) / "config.json").is_file(),
                  "llm2clip": (model_folder(stage2.llm2clip) / "config.json").is_file()}
     retrieval, features = {}, {}

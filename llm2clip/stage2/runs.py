@@ -50,7 +50,7 @@ class Stage2Config:
 
 @dataclass
 class VisionConfig:
-    model: str = "tiny"  # CLIP checkpoint (local folder or hub id; full CLIP or vision-only), or 'tiny'
+    model: str = "tiny"  # CLIP or SigLIP checkpoint (local folder or hub id; whole model or vision-only), or 'tiny'
     # 'tiny': a CLIPVisionConfig at toy size (image size = data.image_size)
     hidden_size: int = 128
     num_layers: int = 4
@@ -80,11 +80,12 @@ def tiny_vision_config(vision: VisionConfig, image_size: int):
 
 
 def prepare_vision(vision_model: torch.nn.Module, vision: VisionConfig) -> torch.nn.Module:
-    """Apply freezing / LoRA / checkpointing to a CLIPVisionModel (or CLIPModel.vision_model)."""
+    """Apply freezing / LoRA / checkpointing to a CLIP/SigLIP vision model (or CLIPModel.vision_model)."""
     inner = getattr(vision_model, "vision_model", vision_model)
     if vision.freeze_layers:
         inner.embeddings.requires_grad_(False)
-        inner.pre_layrnorm.requires_grad_(False)
+        if hasattr(inner, "pre_layrnorm"):  # CLIP's LayerNorm before the encoder; SigLIP has none
+            inner.pre_layrnorm.requires_grad_(False)
         for layer in inner.encoder.layers[: vision.freeze_layers]:
             layer.requires_grad_(False)
     if vision.gradient_checkpointing and hasattr(vision_model, "gradient_checkpointing_enable"):
@@ -98,13 +99,20 @@ def prepare_vision(vision_model: torch.nn.Module, vision: VisionConfig) -> torch
 
 
 def merged_vision(vision_model: torch.nn.Module) -> torch.nn.Module:
-    """A plain CLIPVisionModel: LoRA (if any) merged in."""
+    """A plain vision model: LoRA (if any) merged in."""
     return vision_model.merge_and_unload() if hasattr(vision_model, "merge_and_unload") else vision_model
+
+
+def vision_model_family(cfg) -> str:
+    """'clip' or 'siglip' (llm2clip.vision): what vision.model is; 'tiny' builds a CLIP."""
+    from ..vision import checkpoint_family
+
+    return "clip" if cfg.vision.model == "tiny" else checkpoint_family(cfg.vision.model)
 
 
 def processor_for(cfg):
     source = cfg.vision.model if cfg.vision.model != "tiny" and Path(cfg.vision.model).is_dir() else None
-    return make_image_processor(cfg.data.image_size, source)
+    return make_image_processor(cfg.data.image_size, source, family=vision_model_family(cfg))
 
 
 def load_images(cfg, path: str, progress: bool = True) -> ImageSet:
@@ -156,6 +164,9 @@ def run_clip_finetune(cfg, images: ImageSet, progress: bool = True) -> dict:
     """The paper's baseline: the same mixed captions, through CLIP's own 77-token text encoder."""
     from ..distributed import world
 
+    if vision_model_family(cfg) != "clip":
+        raise ConfigError(f"stage2.clip_finetune fine-tunes a CLIPModel, and vision.model={cfg.vision.model} is a "
+                          "SigLIP checkpoint; set stage2.clip_finetune.enabled=false")
     model = BaselineCLIP.from_pretrained(pretrained_clip_folder(cfg), cfg.vision.attn_implementation)
     model.clip.vision_model = prepare_vision(model.clip.vision_model, cfg.vision)
     summary = _train(cfg, model, Tokens(model), images, cfg.stage2.clip_finetune, "clip_finetune", "clip", progress)
@@ -167,9 +178,9 @@ def run_clip_finetune(cfg, images: ImageSet, progress: bool = True) -> dict:
 
 
 def build_llm2clip(cfg, llm_dim: int, embedder_ref: dict | None) -> LLM2CLIP:
-    from ..export import load_clip_vision
+    from ..vision import load_vision_model
 
-    vision = load_clip_vision(pretrained_clip_folder(cfg), attn_implementation=cfg.vision.attn_implementation)
+    vision = load_vision_model(pretrained_clip_folder(cfg), attn_implementation=cfg.vision.attn_implementation)
     torch.manual_seed(cfg.run.seed)
     model_cfg = cfg.stage2.model
     if model_cfg.loss == "siglip" and math.isclose(model_cfg.init_logit_scale, math.log(1 / 0.07)):
