@@ -38,14 +38,16 @@ def _perturb(module: torch.nn.Module, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def _llm2clip_model():
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+def _llm2clip_model(family: str = "clip"):
+    import transformers
 
     from llm2clip.model import LLM2CLIP, ModelConfig
 
     torch.manual_seed(0)
-    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                              num_attention_heads=2, image_size=32, patch_size=8))
+    name = {"clip": "CLIPVision", "siglip": "SiglipVision"}[family]
+    vision = getattr(transformers, name + "Model")(getattr(transformers, name + "Config")(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        patch_size=8))
     model = LLM2CLIP(vision, 24, ModelConfig(embed_dim=16, adapter_depth=1))
     _perturb(model, 1)
     return model.eval()
@@ -96,6 +98,7 @@ def folders(world, tmp_path_factory) -> dict:
     model = _llm2clip_model()
     export_vision_tower(model, root / "vision_tower")
     export_model(model, root / "llm2clip")
+    export_vision_tower(_llm2clip_model("siglip"), root / "siglip_vision_tower")
     knowledge = _tiny_knowledge_clip(world)
     _perturb(knowledge.clip, 4)
     knowledge.save_pretrained(root / "knowledge_clip", make_image_processor(32))
@@ -125,6 +128,7 @@ def folders(world, tmp_path_factory) -> dict:
     save_file(inputs, str(root / "inputs.safetensors"))
     entries = [{"name": "vision_tower", "kind": "vision", "path": str(root / "vision_tower")},
                {"name": "llm2clip", "kind": "llm2clip", "path": str(root / "llm2clip")},
+               {"name": "siglip_vision_tower", "kind": "vision", "path": str(root / "siglip_vision_tower")},
                {"name": "knowledge_clip", "kind": "clip", "path": str(root / "knowledge_clip"), "text": TEXT},
                {"name": "clip_vision_tower", "kind": "vision", "path": str(root / "clip_vision_tower")},
                {"name": "converted", "kind": "llm2clip", "path": str(root / "converted")},
@@ -176,7 +180,7 @@ def test_an_export_that_does_not_reload_as_written_is_refused(monkeypatch, tmp_p
 
 def test_folders_are_written_in_the_hub_layout(folders):
     root = folders["root"]
-    for name in ("vision_tower", "clip_vision_tower", "converted_vision"):
+    for name in ("vision_tower", "clip_vision_tower", "converted_vision", "siglip_vision_tower"):
         keys = load_file(str(root / name / "model.safetensors")).keys()
         assert keys and all(k.startswith("vision_model.") for k in keys), name
     llava = load_file(str(root / "llava_hf" / "model.safetensors")).keys()
