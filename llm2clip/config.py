@@ -40,7 +40,9 @@ class Stage1Config:
     pretrain: PretrainLMConfig = field(default_factory=PretrainLMConfig)
     mntp: MNTPConfig = field(default_factory=MNTPConfig)
     cc: CCConfig = field(default_factory=CCConfig)
-    cra_data: str = "${run.out_dir}/data/test.jsonl"  # captions whose CRA is reported
+    cra_data: str | None = "${run.out_dir}/data/test.jsonl"  # captions whose CRA is reported; null: no CRA
+    cra_caption_keys: list[str] = field(default_factory=list)  # columns CRA pools; [] = data.long_caption_keys
+    cra_second_language_key: str | None = "long_caption_zh"  # the cross_lingual view's partner column
     cra_out: str = "${run.out_dir}/stage1/cra.json"
 
 

@@ -102,7 +102,7 @@ def run_eval(cfg, progress: bool = True, models: tuple[str, ...] = ("clip_pretra
                 retrieval[name], features[name] = evaluate_retrieval(encode_images, encode_texts, images, sets,
                                                                      stage2.eval_batch_size)
     cra_path = Path(cfg.stage1.cra_out)
-    cra = json.loads(cra_path.read_text()) if cra_path.is_file() else None
+    cra = json.loads(cra_path.read_text()) if cra_path.is_file() and cfg.stage1.cra_data is not None else None
     results = {"cra": {k: cra[k] for k in ("raw", "cc")} if cra else None, "retrieval": retrieval,
                "eval_images": len(images), "eval_skipped": images.stats.skipped}
     if not plots:
