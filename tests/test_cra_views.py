@@ -51,5 +51,5 @@ def test_cra_data_null_is_accepted_and_refused_by_eval_cra():
 
     cfg = load_config("configs/tiny.yaml", ["stage1.cra_data=null"])
     assert cfg.stage1.cra_data is None
-    with pytest.raises(ConfigError, match="stage1.cra_data is null"):
+    with pytest.raises(ConfigError, match=r"stage1\.cra_data is null"):
         run_eval_cra(cfg)
