@@ -139,11 +139,26 @@ def _train_step(name: str, cfg, ledger, inputs, force: bool, fn) -> dict | None:
     return result
 
 
+def check_inputs(cfg) -> None:
+    """Every data path the run reads exists, checked before any work (the shapes world's are made first)."""
+    from .data.readers import expand_paths, missing_path
+
+    made = str(Path(cfg.run.out_dir) / "data") if cfg.synth.enabled else None
+    s1, s2 = cfg.stage1, cfg.stage2
+    paths = [("stage1.cc.data", s1.cc.data), ("stage1.cc.text_pairs", s1.cc.text_pairs),
+             ("stage1.cra_data", s1.cra_data), *(("cache.data", p) for p in cfg.cache.data),
+             ("stage2.train_data", s2.train_data), ("stage2.eval_data", s2.eval_data)]
+    for key, path in paths:
+        if path is not None and not (made and str(path).startswith(made)) and not expand_paths(path):
+            raise missing_path(key, path)
+
+
 def run_main(cfg, *, force: bool = False, progress: bool = True) -> dict:
     from .report import print_results
     from .stage2 import runs
     from .stage2.evaluate import run_eval
 
+    check_inputs(cfg)
     start = time.perf_counter()
     out = Path(cfg.run.out_dir)
     summary, seconds = {}, {}

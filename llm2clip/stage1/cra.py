@@ -64,7 +64,8 @@ def collect_views(path: str, data_cfg=None, caption_keys: Sequence[str] = (),
 
     data_cfg = data_cfg or DataConfig()
     keys = list(caption_keys) or list(data_cfg.long_caption_keys)
-    reader = CaptionReader(replace(data_cfg, path=path, format="auto", long_caption_keys=keys), load_images=False)
+    reader = CaptionReader(replace(data_cfg, path=path, format="auto", long_caption_keys=keys), load_images=False,
+                          key="stage1.cra_data")
     rows = list(reader)
     samples = [s for s in rows if len(s.long_captions) >= 2]
     if not samples:

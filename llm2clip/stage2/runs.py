@@ -108,7 +108,10 @@ def processor_for(cfg):
 
 
 def load_images(cfg, path: str, progress: bool = True) -> ImageSet:
-    return ImageSet.load(cfg.data, path, processor_for(cfg), tuple(cfg.stage2.second_language_fields), progress)
+    keys = {cfg.knowledge_clip.probe_val_data: "knowledge_clip.probe_val_data", cfg.stage2.eval_data:
+            "stage2.eval_data", cfg.stage2.train_data: "stage2.train_data"}  # the key named in errors
+    return ImageSet.load(cfg.data, path, processor_for(cfg), tuple(cfg.stage2.second_language_fields), progress,
+                         key=keys.get(path, "data.path"))
 
 
 def model_folder(run: TrainConfig) -> Path:
