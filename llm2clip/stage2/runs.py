@@ -177,7 +177,36 @@ def build_llm2clip(cfg, llm_dim: int, embedder_ref: dict | None) -> LLM2CLIP:
     model_cfg = cfg.stage2.model
     if model_cfg.loss == "siglip" and math.isclose(model_cfg.init_logit_scale, math.log(1 / 0.07)):
         model_cfg = ModelConfig(**{**model_cfg.__dict__, "init_logit_scale": math.log(10)})
+    inherited = clip_logit_scale(pretrained_clip_folder(cfg)) if model_cfg.inherit_logit_scale else None
+    if model_cfg.loss == "clip" and inherited is not None:  # as the official LLM2CLIP: CLIP's own temperature
+        model_cfg = ModelConfig(**{**model_cfg.__dict__, "init_logit_scale": inherited})
     return LLM2CLIP(vision, llm_dim, model_cfg, embedder_ref)
+
+
+def clip_logit_scale(source: str) -> float | None:
+    """The `logit_scale` of a full CLIPModel checkpoint (folder or hub id), read alone; None for a
+    vision-only checkpoint, which has none."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    def file(name):
+        return cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+
+    config = file("config.json")
+    if config is None or json.loads(Path(config).read_text()).get("model_type") != "clip":
+        return None
+    weights = file("model.safetensors")
+    if weights is None and (index := file("model.safetensors.index.json")):
+        shard = json.loads(Path(index).read_text())["weight_map"].get("logit_scale")
+        weights = file(shard) if shard else None
+    if weights is not None:
+        with safe_open(weights, framework="pt") as f:
+            names = f.keys()
+            return float(f.get_tensor("logit_scale")) if "logit_scale" in names else None
+    if bin_file := file("pytorch_model.bin"):  # OpenAI's hub folders also ship the pickle: tensors only
+        value = torch.load(bin_file, map_location="cpu", weights_only=True, mmap=True).get("logit_scale")
+        return float(value) if value is not None else None
+    return None
 
 
 def run_llm2clip(cfg, images: ImageSet, progress: bool = True) -> dict:
