@@ -216,6 +216,10 @@ def validate(cfg: Config, *, require_data: bool = False) -> None:
         check_model_ref("embedder.model", cfg.embedder.model)
     if cfg.vision.model != "tiny":
         check_model_ref("vision.model", cfg.vision.model)
+        if Path(cfg.vision.model).is_dir():  # a hub id is checked once its config is fetched (stage 2)
+            from .stage2.runs import check_image_size
+
+            check_image_size(cfg)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -78,9 +78,10 @@ def run_eval(cfg, progress: bool = True, models: tuple[str, ...] = ("clip_pretra
                                                                        "llm2clip"), plots: bool = True) -> dict:
     """Evaluate whichever of `models` exist; write plots (unless `plots=False`, e.g. for ablations, whose
     runs must not overwrite the main run's figures); return the results.json dict (percent)."""
+    from ..embedder import resolve_device
     from ..report import plot_top5, plot_training_curves
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.stage2.device)
     images = load_images(cfg, cfg.stage2.eval_data, progress=False)
     sets = caption_sets(cfg)
     stage2 = cfg.stage2

@@ -41,8 +41,11 @@ class Stage2Config:
     llm2clip: TrainConfig = field(default_factory=lambda: _run("${run.out_dir}/stage2/llm2clip", lr=1e-5))
     online: bool = False  # feed live LLM embeddings instead of the cache (comparison / ablation)
     eval_batch_size: int = 256
+    device: str = "auto"  # training and evaluation: auto (cuda if visible) | cpu | cuda | cuda:N
 
     def validate(self) -> None:
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"stage2.device: '{self.device}' is not one of auto, cpu, cuda, cuda:N")
         self.model.validate()
         for name in ("clip_pretrain", "clip_finetune", "llm2clip"):
             getattr(self, name).validate(name)
@@ -102,7 +105,32 @@ def merged_vision(vision_model: torch.nn.Module) -> torch.nn.Module:
     return vision_model.merge_and_unload() if hasattr(vision_model, "merge_and_unload") else vision_model
 
 
+def vision_image_size(source: str) -> int | None:
+    """The image size a CLIP checkpoint (full or vision-only, folder or hub id) was built for."""
+    from transformers import CLIPVisionConfig
+    from transformers.utils import cached_file
+
+    config = cached_file(source, "config.json", _raise_exceptions_for_missing_entries=False)
+    if config is None:
+        return None
+    config = json.loads(Path(config).read_text())
+    vision = config.get("vision_config", config) if config.get("model_type") == "clip" else config
+    return vision.get("image_size", CLIPVisionConfig().image_size)
+
+
+def check_image_size(cfg) -> None:
+    """data.image_size must be the vision checkpoint's: a larger one fails deep in HF's position
+    embeddings, and with a preprocessor_config.json it would be ignored without a word."""
+    if cfg.vision.model == "tiny":
+        return
+    size = vision_image_size(cfg.vision.model)
+    if size is not None and size != cfg.data.image_size:
+        raise ConfigError(f"data.image_size is {cfg.data.image_size} but vision.model ({cfg.vision.model}) has "
+                          f"image_size {size}. Fix: set data.image_size={size}")
+
+
 def processor_for(cfg):
+    check_image_size(cfg)
     source = cfg.vision.model if cfg.vision.model != "tiny" and Path(cfg.vision.model).is_dir() else None
     return make_image_processor(cfg.data.image_size, source)
 
@@ -121,8 +149,10 @@ def model_folder(run: TrainConfig) -> Path:
 def _train(cfg, model, text_side, images: ImageSet, run: TrainConfig, name: str, loss: str, progress: bool) -> dict:
     sampler = CaptionSampler(cfg.data.short_caption_key, list(cfg.data.long_caption_keys), run.long_caption_ratio,
                              cfg.run.seed)
+    from ..embedder import resolve_device
+
     summary = train_contrastive(model, text_side, images, sampler, run, name=name, seed=cfg.run.seed, loss=loss,
-                                progress=progress)
+                                progress=progress, device=resolve_device(cfg.stage2.device))
     (Path(run.out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
