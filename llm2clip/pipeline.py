@@ -57,7 +57,8 @@ def _step_inputs(cfg) -> dict:
                                      embedder=cfg.embedder),
                              {"cra_data": s1.cra_data, "model": cfg.embedder.model, "cc": s1.cc.out}),
         "cache": lambda: stamp(_values(cache=cfg.cache, data=cfg.data, embedder=embedder_config(cfg)),
-                               {"data": cfg.cache.data, "embedder": s1.cc.out}),
+                               {"data": cfg.cache.data, "embedder": s1.cc.out, "model": embedder_config(cfg).model,
+                                "adapters": embedder_config(cfg).adapters}),
     }
     for name in ("clip_pretrain", "clip_finetune", "llm2clip"):
         def train(name=name):
@@ -67,7 +68,8 @@ def _step_inputs(cfg) -> dict:
                 paths["clip"] = pretrained_clip_folder(cfg)
             if name == "llm2clip":
                 paths["cache"] = None if s2.online else cfg.cache.out
-                paths["embedder"] = s1.cc.out
+                paths.update(embedder=s1.cc.out, model=embedder_config(cfg).model,
+                             adapters=embedder_config(cfg).adapters)
             embedder = embedder_config(cfg) if name == "llm2clip" else None
             return stamp(_values(run=run, model=s2.model, text=s2.text, vision=cfg.vision, data=cfg.data,
                                  embedder=embedder, online=s2.online, seed=cfg.run.seed), paths)
@@ -83,8 +85,8 @@ def _stage1(cfg, ledger, inputs, force: bool, progress: bool) -> dict:
     def due(step: str, output: Path) -> bool:
         return force or not output.exists() or not ledger.current(step, inputs[step]())
 
-    def run(step: str, fn):
-        ledger.forget(step)  # a step killed midway must not look current next time
+    def run(step: str, fn, partial: str | None = None):
+        _begin(ledger, step, inputs[step](), force, partial)
         result = fn(cfg, progress)
         ledger.record(step, inputs[step]())
         return result
@@ -97,12 +99,7 @@ def _stage1(cfg, ledger, inputs, force: bool, progress: bool) -> dict:
         out["mntp"] = run("mntp", s1.run_mntp)
     if due("cc", Path(cfg.stage1.cc.out) / "embedder_config.json"):
         _log("stage 1: caption-contrastive fine-tuning")
-        # checkpoints of an earlier CC run on other inputs do not apply (an interrupted run on the same
-        # inputs resumes from them)
-        if force or out or ledger.steps.get("cc_checkpoints") != inputs["cc"]():
-            shutil.rmtree(cfg.stage1.cc.checkpoint_dir, ignore_errors=True)
-        ledger.record("cc_checkpoints", inputs["cc"]())
-        out["cc"] = run("cc", s1.run_cc)
+        out["cc"] = run("cc", s1.run_cc, cfg.stage1.cc.checkpoint_dir)
     if cfg.stage1.cra_data is None:
         out["cra"] = "skipped (stage1.cra_data: null)"
     elif due("cra", Path(cfg.stage1.cra_out)):
@@ -111,13 +108,28 @@ def _stage1(cfg, ledger, inputs, force: bool, progress: bool) -> dict:
     return out
 
 
+def _begin(ledger, step: str, expected: dict, force: bool, partial: str | None) -> None:
+    """Before a step runs: it no longer counts as current (a kill midway must not look finished), and
+    `partial` (its checkpoints) is removed unless they were made from these same inputs, which an
+    interrupted run then resumes from."""
+    started = f"{step} (started)"
+    if partial is not None and (force or ledger.steps.get(started) != expected):
+        shutil.rmtree(partial, ignore_errors=True)
+    ledger.forget(step)
+    ledger.record(started, expected)
+
+
 def _cache(cfg, ledger, inputs, force: bool, progress: bool) -> dict:
     from .cache import INDEX, build_cache
     from .stage2.runs import embedder_config
 
-    stale = (Path(cfg.cache.out) / INDEX).is_file() and not ledger.current("cache", inputs["cache"]())
-    _log("embedding cache" + (" (its inputs changed: rebuilding)" if stale else ""))
-    ledger.forget("cache")
+    expected = inputs["cache"]()
+    # a complete cache, or parts of a build begun on other inputs, that no longer fit: rebuilt (parts of
+    # an interrupted build on these inputs are resumed by build_cache)
+    complete = (Path(cfg.cache.out) / INDEX).is_file()
+    stale = not ledger.current("cache", expected) and (complete or ledger.steps.get("cache (started)") != expected)
+    _log("embedding cache" + (" (its inputs changed: rebuilding)" if stale and complete else ""))
+    _begin(ledger, "cache", expected, force, None)
     result = build_cache(cfg.cache, embedder_config(cfg), cfg.data, force=force or stale, progress=progress)
     ledger.record("cache", inputs["cache"]())
     return result
@@ -129,11 +141,10 @@ def _train_step(name: str, cfg, ledger, inputs, force: bool, fn) -> dict | None:
     run = getattr(cfg.stage2, name)
     if not run.enabled:
         return None
-    if force or not ledger.current(name, inputs[name]()):
-        shutil.rmtree(run.out, ignore_errors=True)
-    elif (model_folder(run) / "config.json").is_file():
+    expected = inputs[name]()
+    if not force and ledger.current(name, expected) and (model_folder(run) / "config.json").is_file():
         return {"reused": str(model_folder(run))}
-    ledger.forget(name)
+    _begin(ledger, name, expected, force, run.out)  # a run on other inputs: its model and checkpoints go
     result = fn()
     ledger.record(name, inputs[name]())
     return result

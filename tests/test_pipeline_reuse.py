@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from llm2clip.config import load_config
 from llm2clip.pipeline import _stage1, _step_inputs
 from llm2clip.stamps import Ledger
@@ -69,3 +71,26 @@ def test_cra_data_null_skips_cra_and_says_so(tmp_path, monkeypatch):
     _fake_stage1(monkeypatch, calls)
     out = _run_stage1(tmp_path, "stage1.cra_data=null")
     assert calls == ["cc"] and out["cra"] == "skipped (stage1.cra_data: null)"
+
+
+def test_an_interrupted_stage2_step_resumes_and_a_changed_one_starts_over(tmp_path, monkeypatch):
+    from llm2clip.pipeline import _train_step
+
+    cfg = load_config("configs/tiny.yaml", [f"run.out_dir={tmp_path}", "embedder.model=some/hub-id",
+                                            f"stage2.train_data={tmp_path}/train.jsonl"])
+    (tmp_path / "train.jsonl").write_text("x\n")
+    checkpoint = tmp_path / "stage2/clip_finetune/checkpoints/step-0000002"
+    ledger, inputs = Ledger(tmp_path), {"clip_finetune": lambda: {"data": (tmp_path / "train.jsonl").read_text()}}
+
+    def killed():
+        checkpoint.mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train_step("clip_finetune", cfg, ledger, inputs, False, killed)
+    seen = []
+    _train_step("clip_finetune", cfg, Ledger(tmp_path), inputs, False, lambda: seen.append(checkpoint.is_dir()))
+    assert seen == [True]  # same inputs: the checkpoint is there to resume from
+    (tmp_path / "train.jsonl").write_text("y\n")
+    _train_step("clip_finetune", cfg, Ledger(tmp_path), inputs, False, lambda: seen.append(checkpoint.is_dir()))
+    assert seen == [True, False]  # other inputs: started over
