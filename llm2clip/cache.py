@@ -172,7 +172,7 @@ def build_cache(cfg: CacheConfig, emb_cfg: EmbedderConfig, data_cfg: DataConfig 
     base = data_cfg or DataConfig()
     todo, seen, skipped = [], set(), 0
     for path in cfg.data:
-        reader = CaptionReader(replace(base, path=path, format="auto"), load_images=False)
+        reader = CaptionReader(replace(base, path=path, format="auto"), load_images=False, key="cache.data")
         for i, sample in enumerate(reader):
             if sample.key in seen:
                 raise DataError(f"{sample.source}: key '{sample.key}' appears twice in cache.data; keys must be "

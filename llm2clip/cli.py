@@ -53,7 +53,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     extra = [f"data.path={args.path}"] if args.path else []
     extra += ["data.strict=true"] if args.strict else []
-    extra += [f"data.format={args.format}"] if args.format else []
+    # a path given here is not data.path: the config's data.format describes that one, so detect this one's
+    extra += [f"data.format={args.format or 'auto'}"] if args.format or args.path else []
     cfg = _load(args, extra)
     reader = CaptionReader(cfg.data)
     n_long = sum(len(s.long_captions) for s in reader)

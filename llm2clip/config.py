@@ -36,17 +36,26 @@ class RunConfig:
 
 
 @dataclass
+class PathsConfig:
+    # one folder a preset's data keys interpolate (`${paths.data_root}/cc3m/...`), so one override moves them all
+    data_root: str = "${run.out_dir}/data"
+
+
+@dataclass
 class Stage1Config:
     pretrain: PretrainLMConfig = field(default_factory=PretrainLMConfig)
     mntp: MNTPConfig = field(default_factory=MNTPConfig)
     cc: CCConfig = field(default_factory=CCConfig)
-    cra_data: str = "${run.out_dir}/data/test.jsonl"  # captions whose CRA is reported
+    cra_data: str | None = "${run.out_dir}/data/test.jsonl"  # captions whose CRA is reported; null: no CRA
+    cra_caption_keys: list[str] = field(default_factory=list)  # columns CRA pools; [] = data.long_caption_keys
+    cra_second_language_key: str | None = "long_caption_zh"  # the cross_lingual view's partner column
     cra_out: str = "${run.out_dir}/stage1/cra.json"
 
 
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     data: DataConfig = field(default_factory=DataConfig)
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
@@ -120,6 +129,30 @@ def _first_mismatch(schema, loaded, prefix: str) -> str:
     return "?"
 
 
+def _quote_brace_items(item: str) -> str | None:
+    """`key=[a/{0..2}.tar,b.jsonl]` -> `key=['a/{0..2}.tar','b.jsonl']`: YAML reads an unquoted '{' in a
+    list as a mapping, so list items holding brace patterns are quoted. Commas inside braces (`{a,b}`)
+    stay in their item. None when the value is no such list."""
+    key, value = item.split("=", 1)
+    if not (value.startswith("[") and value.endswith("]")) or "{" not in value:
+        return None
+    items, depth, current = [], 0, ""
+    for ch in value[1:-1]:
+        if ch in "'\"[]":
+            return None  # quoted or nested: left to YAML as typed
+        depth += (ch == "{") - (ch == "}")
+        if depth < 0:
+            return None
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    items.append(current)
+    quoted = ",".join(f"'{s.strip()}'" for s in items if s.strip())
+    return f"{key}=[{quoted}]" if depth == 0 else None
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
     """Schema defaults <- YAML file <- `key=value` overrides, validated. Raises ConfigError."""
     merged = OmegaConf.structured(Config)
@@ -144,7 +177,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         if "=" not in item:
             raise ConfigError(f"override '{shown}' must look like key=value, e.g. synth.num_images=200")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            try:
+                dotlist = OmegaConf.from_dotlist([item])
+            except yaml.YAMLError:  # brace patterns in a list: quote them and parse again
+                dotlist = OmegaConf.from_dotlist([_quote_brace_items(item) or item])
+            merged = OmegaConf.merge(merged, dotlist)
         except OmegaConfBaseException as e:
             raise _friendly(e, f"--set {shown}") from None
         except (TypeError, ValueError, IndexError, yaml.YAMLError) as e:  # unparsable key/value, mapping for a list
@@ -179,6 +216,10 @@ def validate(cfg: Config, *, require_data: bool = False) -> None:
         check_model_ref("embedder.model", cfg.embedder.model)
     if cfg.vision.model != "tiny":
         check_model_ref("vision.model", cfg.vision.model)
+        if Path(cfg.vision.model).is_dir():  # a hub id is checked once its config is fetched (stage 2)
+            from .stage2.runs import check_image_size
+
+            check_image_size(cfg)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -34,6 +34,29 @@ def init_from_env() -> tuple[int, int]:
     return world()
 
 
+def init_for_deepspeed() -> tuple[int, int]:
+    """DeepSpeed needs a process group. Under torchrun or its launcher the env names one; in a plain
+    process DeepSpeed would look for MPI instead (mpi4py). Start a one-process group the way its
+    launcher would: RANK=0, WORLD_SIZE=1, a free local port."""
+    global _OWN_GROUP
+    init_from_env()
+    if not dist.is_initialized():
+        import socket
+
+        with socket.socket() as s:  # a free port for the one-member rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", str(port))):
+            os.environ.setdefault(key, value)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        _OWN_GROUP = True
+    return world()
+
+
 def shutdown() -> None:
     """Leave the group init_from_env created, together: a rank that exits while another still holds
     gloo connections can take that rank down with SIGABRT ("terminate called without an active

@@ -40,6 +40,7 @@ class ModelConfig:
     center_vectors: bool = True  # subtract the training vectors' mean before normalising (see TextAdapter)
     loss: str = "clip"  # clip (InfoNCE) | siglip (sigmoid, learnable bias)
     init_logit_scale: float = math.log(1 / 0.07)  # siglip: log(10)
+    inherit_logit_scale: bool = True  # clip loss: start from the pretrained CLIPModel's logit_scale, if any
     init_logit_bias: float | None = None  # siglip: -10
 
     def validate(self) -> None:

@@ -1,7 +1,8 @@
 """The main job: data -> stage 1 -> cache -> CLIP baseline -> LLM2CLIP -> evaluation -> export.
 
-Each step is skipped when its output already exists and is current (a stage-1 embedder the cache and
-the LLM2CLIP model were built from, a config the dataset was made with), unless `force`.
+Each step is skipped when its output exists and its inputs are unchanged since it ran: the config values
+and the files it reads, including earlier steps' outputs (stamps in <run.out_dir>/step_inputs.json,
+llm2clip/stamps.py), unless `force`.
 
     <run.out_dir>/results.json     CRA, retrieval per model and caption set, wall time
     <run.out_dir>/plots/           training_curves.png, top5_long_captions.png
@@ -15,74 +16,152 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from .stamps import Ledger, stamp
 
 
 def _log(msg: str) -> None:
     print(f"== {msg}", flush=True)
 
 
-def _stage1(cfg, force: bool, progress: bool) -> dict:
-    from .stage1 import cli as s1
+_RUNTIME = ("device", "batch_size", "compile", "checkpoint_every", "keep_checkpoints", "eval_batch_size")
 
+
+def _values(**sections) -> dict:
+    """Config sections as plain dicts, minus keys that change how a step runs, not what it produces."""
     out = {}
-    if cfg.stage1.pretrain.enabled and (force or not (Path(cfg.stage1.pretrain.out) / "config.json").is_file()):
-        _log("stage 1: pretrain the tiny LM")
-        out["pretrain"] = s1.run_pretrain(cfg, progress)
-    if cfg.stage1.mntp.enabled and (force or not (Path(cfg.stage1.mntp.out) / "adapter_config.json").is_file()):
-        _log("stage 1: MNTP")
-        out["mntp"] = s1.run_mntp(cfg, progress)
-    if force or out or not (Path(cfg.stage1.cc.out) / "embedder_config.json").is_file():
-        _log("stage 1: caption-contrastive fine-tuning")
-        if force or out:  # a new LM (or --force): checkpoints of an earlier CC run do not apply
-            shutil.rmtree(cfg.stage1.cc.checkpoint_dir, ignore_errors=True)
-        out["cc"] = s1.run_cc(cfg, progress)
-    if force or out or not Path(cfg.stage1.cra_out).is_file():
-        _log("stage 1: caption retrieval accuracy")
-        s1.run_eval_cra(cfg, progress)
+    for name, section in sections.items():
+        value = asdict(section) if is_dataclass(section) else section
+        out[name] = {k: v for k, v in value.items() if k not in _RUNTIME} if isinstance(value, dict) else value
     return out
 
 
-def _cache(cfg, force: bool, progress: bool) -> dict:
-    from .cache import INDEX, build_cache, check_fingerprint, fingerprint
+def _step_inputs(cfg) -> dict:
+    """Per step, its stamp (llm2clip/stamps.py): the config values and files it reads."""
+    from .stage1.cli import _cc_base
+    from .stage2.runs import embedder_config, pretrained_clip_folder
+
+    s1, s2 = cfg.stage1, cfg.stage2
+    cc_base = _cc_base(cfg)
+    inputs = {
+        "pretrain": lambda: stamp(_values(pretrain=s1.pretrain, seed=cfg.run.seed),
+                                  {"corpus": s1.pretrain.corpus, "tokenizer": s1.pretrain.tokenizer}),
+        "mntp": lambda: stamp(_values(mntp=s1.mntp, embedder=cfg.embedder, seed=cfg.run.seed),
+                              {"text": s1.mntp.text, "model": cfg.embedder.model, "adapters": cfg.embedder.adapters}),
+        "cc": lambda: stamp(_values(cc=s1.cc, embedder=cc_base, data=cfg.data, seed=cfg.run.seed),
+                            {"data": s1.cc.data, "text_pairs": s1.cc.text_pairs, "model": cc_base.model,
+                             "adapters": cc_base.adapters, "deepspeed": s1.cc.deepspeed}),
+        "cra": lambda: stamp(_values(keys=[s1.cra_caption_keys, s1.cra_second_language_key], data=cfg.data,
+                                     embedder=cfg.embedder),
+                             {"cra_data": s1.cra_data, "model": cfg.embedder.model, "cc": s1.cc.out}),
+        "cache": lambda: stamp(_values(cache=cfg.cache, data=cfg.data, embedder=embedder_config(cfg)),
+                               {"data": cfg.cache.data, "embedder": s1.cc.out, "model": embedder_config(cfg).model,
+                                "adapters": embedder_config(cfg).adapters}),
+    }
+    for name in ("clip_pretrain", "clip_finetune", "llm2clip"):
+        def train(name=name):
+            run = getattr(s2, name)
+            paths = {"train_data": s2.train_data, "deepspeed": run.deepspeed}
+            if name != "clip_pretrain":
+                paths["clip"] = pretrained_clip_folder(cfg)
+            if name == "llm2clip":
+                paths["cache"] = None if s2.online else cfg.cache.out
+                paths.update(embedder=s1.cc.out, model=embedder_config(cfg).model,
+                             adapters=embedder_config(cfg).adapters)
+            embedder = embedder_config(cfg) if name == "llm2clip" else None
+            return stamp(_values(run=run, model=s2.model, text=s2.text, vision=cfg.vision, data=cfg.data,
+                                 embedder=embedder, online=s2.online, seed=cfg.run.seed), paths)
+        inputs[name] = train
+    return inputs
+
+
+def _stage1(cfg, ledger, inputs, force: bool, progress: bool) -> dict:
+    from .stage1 import cli as s1
+
+    out = {}
+
+    def due(step: str, output: Path) -> bool:
+        return force or not output.exists() or not ledger.current(step, inputs[step]())
+
+    def run(step: str, fn, partial: str | None = None):
+        _begin(ledger, step, inputs[step](), force, partial)
+        result = fn(cfg, progress)
+        ledger.record(step, inputs[step]())
+        return result
+
+    if cfg.stage1.pretrain.enabled and due("pretrain", Path(cfg.stage1.pretrain.out) / "config.json"):
+        _log("stage 1: pretrain the tiny LM")
+        out["pretrain"] = run("pretrain", s1.run_pretrain)
+    if cfg.stage1.mntp.enabled and due("mntp", Path(cfg.stage1.mntp.out) / "adapter_config.json"):
+        _log("stage 1: MNTP")
+        out["mntp"] = run("mntp", s1.run_mntp)
+    if due("cc", Path(cfg.stage1.cc.out) / "embedder_config.json"):
+        _log("stage 1: caption-contrastive fine-tuning")
+        out["cc"] = run("cc", s1.run_cc, cfg.stage1.cc.checkpoint_dir)
+    if cfg.stage1.cra_data is None:
+        out["cra"] = "skipped (stage1.cra_data: null)"
+    elif due("cra", Path(cfg.stage1.cra_out)):
+        _log("stage 1: caption retrieval accuracy")
+        out["cra"] = run("cra", s1.run_eval_cra)
+    return out
+
+
+def _begin(ledger, step: str, expected: dict, force: bool, partial: str | None) -> None:
+    """Before a step runs: it no longer counts as current (a kill midway must not look finished), and
+    `partial` (its checkpoints) is removed unless they were made from these same inputs, which an
+    interrupted run then resumes from."""
+    started = f"{step} (started)"
+    if partial is not None and (force or ledger.steps.get(started) != expected):
+        shutil.rmtree(partial, ignore_errors=True)
+    ledger.forget(step)
+    ledger.record(started, expected)
+
+
+def _cache(cfg, ledger, inputs, force: bool, progress: bool) -> dict:
+    from .cache import INDEX, build_cache
     from .stage2.runs import embedder_config
 
-    emb_cfg = embedder_config(cfg)
-    index = Path(cfg.cache.out) / INDEX
-    stale = False
-    if index.is_file():
-        try:
-            check_fingerprint(json.loads(index.read_text())["fingerprint"], fingerprint(emb_cfg, cfg.cache.dtype), "")
-        except ConfigError:
-            stale = True
-    _log("embedding cache" + (" (the embedder changed: rebuilding)" if stale else ""))
-    return build_cache(cfg.cache, emb_cfg, cfg.data, force=force or stale, progress=progress)
+    expected = inputs["cache"]()
+    # a complete cache, or parts of a build begun on other inputs, that no longer fit: rebuilt (parts of
+    # an interrupted build on these inputs are resumed by build_cache)
+    complete = (Path(cfg.cache.out) / INDEX).is_file()
+    stale = not ledger.current("cache", expected) and (complete or ledger.steps.get("cache (started)") != expected)
+    _log("embedding cache" + (" (its inputs changed: rebuilding)" if stale and complete else ""))
+    _begin(ledger, "cache", expected, force, None)
+    result = build_cache(cfg.cache, embedder_config(cfg), cfg.data, force=force or stale, progress=progress)
+    ledger.record("cache", inputs["cache"]())
+    return result
 
 
-def _train_step(name: str, run, force: bool, fn, *args) -> dict | None:
+def _train_step(name: str, cfg, ledger, inputs, force: bool, fn) -> dict | None:
     from .stage2.runs import model_folder
 
+    run = getattr(cfg.stage2, name)
     if not run.enabled:
         return None
-    if force:
-        shutil.rmtree(run.out, ignore_errors=True)
-    elif (model_folder(run) / "config.json").is_file():
+    expected = inputs[name]()
+    if not force and ledger.current(name, expected) and (model_folder(run) / "config.json").is_file():
         return {"reused": str(model_folder(run))}
-    _log(f"stage 2: {name}")
-    return fn(*args)
+    _begin(ledger, name, expected, force, run.out)  # a run on other inputs: its model and checkpoints go
+    result = fn()
+    ledger.record(name, inputs[name]())
+    return result
 
 
-def _llm2clip_is_current(cfg) -> bool:
-    from .cache import fingerprint
-    from .stage2.runs import embedder_config, model_folder
+def check_inputs(cfg) -> None:
+    """Every data path the run reads exists, checked before any work (the shapes world's are made first)."""
+    from .data.readers import expand_paths, missing_path
 
-    config = model_folder(cfg.stage2.llm2clip) / "config.json"
-    if not config.is_file():
-        return False
-    saved = (json.loads(config.read_text()).get("embedder") or {}).get("fingerprint")
-    return saved == fingerprint(embedder_config(cfg), cfg.cache.dtype)
+    made = str(Path(cfg.run.out_dir) / "data") if cfg.synth.enabled else None
+    s1, s2 = cfg.stage1, cfg.stage2
+    paths = [("stage1.cc.data", s1.cc.data), ("stage1.cc.text_pairs", s1.cc.text_pairs),
+             ("stage1.cra_data", s1.cra_data), *(("cache.data", p) for p in cfg.cache.data),
+             ("stage2.train_data", s2.train_data), ("stage2.eval_data", s2.eval_data)]
+    for key, path in paths:
+        if path is not None and not (made and str(path).startswith(made)) and not expand_paths(path):
+            raise missing_path(key, path)
 
 
 def run_main(cfg, *, force: bool = False, progress: bool = True) -> dict:
@@ -90,6 +169,7 @@ def run_main(cfg, *, force: bool = False, progress: bool = True) -> dict:
     from .stage2 import runs
     from .stage2.evaluate import run_eval
 
+    check_inputs(cfg)
     start = time.perf_counter()
     out = Path(cfg.run.out_dir)
     summary, seconds = {}, {}
@@ -106,8 +186,9 @@ def run_main(cfg, *, force: bool = False, progress: bool = True) -> dict:
         _log("data: the shapes world")
         summary["data"] = timed("data", lambda: synthesize(cfg.synth, out / "data", overwrite=force,
                                                            progress=progress)["splits"])
-    summary["stage1"] = timed("stage1", lambda: _stage1(cfg, force, progress))
-    summary["cache"] = timed("cache", lambda: _cache(cfg, force, progress))
+    ledger, inputs = Ledger(out), _step_inputs(cfg)
+    summary["stage1"] = timed("stage1", lambda: _stage1(cfg, ledger, inputs, force, progress))
+    summary["cache"] = timed("cache", lambda: _cache(cfg, ledger, inputs, force, progress))
     train_images = None
 
     def images():
@@ -118,15 +199,11 @@ def run_main(cfg, *, force: bool = False, progress: bool = True) -> dict:
 
     stage2 = cfg.stage2
     summary["clip_pretrain"] = timed("clip_pretrain", lambda: _train_step(
-        "pretrain CLIP on short captions", stage2.clip_pretrain, force,
-        lambda: runs.run_clip_pretrain(cfg, images(), progress)))
-    pretrained_now = summary["clip_pretrain"] is not None and "reused" not in summary["clip_pretrain"]
+        "clip_pretrain", cfg, ledger, inputs, force, lambda: runs.run_clip_pretrain(cfg, images(), progress)))
     summary["clip_finetune"] = timed("clip_finetune", lambda: _train_step(
-        "fine-tune CLIP (77-token text encoder)", stage2.clip_finetune, force or pretrained_now,
-        lambda: runs.run_clip_finetune(cfg, images(), progress)))
+        "clip_finetune", cfg, ledger, inputs, force, lambda: runs.run_clip_finetune(cfg, images(), progress)))
     summary["llm2clip"] = timed("llm2clip", lambda: _train_step(
-        "LLM2CLIP (vision encoder + adapter on cached LLM embeddings)", stage2.llm2clip,
-        force or pretrained_now or not _llm2clip_is_current(cfg), lambda: runs.run_llm2clip(cfg, images(), progress)))
+        "llm2clip", cfg, ledger, inputs, force, lambda: runs.run_llm2clip(cfg, images(), progress)))
     _log("evaluation and export")
     results = timed("eval", lambda: run_eval(cfg, progress=progress))
     if (runs.model_folder(stage2.llm2clip) / "config.json").is_file():

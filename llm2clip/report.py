@@ -29,8 +29,8 @@ def results_table(results: dict):
         cells = [f"{per_set[s]['i2t_r1']:.1f} / {per_set[s]['t2i_r1']:.1f}" if s in per_set else "-" for s in sets]
         extra = ["", ""]
         if model == "llm2clip" and cra:
-            extra = [f"{cra['raw']['en']:.1f} / {cra['cc']['en']:.1f}",
-                     f"{cra['raw']['cross_lingual']:.1f} / {cra['cc']['cross_lingual']:.1f}"]
+            extra = [f"{cra['raw'][v]:.1f} / {cra['cc'][v]:.1f}" if v in cra["raw"] else "-"
+                     for v in ("en", "cross_lingual")]
         table.add_row(MODEL_NAMES.get(model, model), *cells, *extra)
     return table
 

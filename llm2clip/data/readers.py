@@ -38,16 +38,21 @@ class DataConfig:
     max_image_pixels: int = 4096 * 4096  # larger images are skipped (decompression-bomb guard)
     max_caption_chars: int = 20_000  # longer captions are skipped as garbage
 
-    def validate(self, require_exists: bool = False) -> None:
+    def validate(self, require_exists: bool = False, key: str = "data.path") -> None:
+        """`key`: the config key `path` came from (stage1.cc.data, cache.data, ...), named in errors."""
         if self.format not in FORMATS:
             raise ConfigError(f"data.format: '{self.format}' is not one of {', '.join(FORMATS)}")
         if self.image_size < 8 or self.max_image_pixels < 1 or self.max_caption_chars < 1:
             raise ConfigError("data.image_size must be >= 8; data.max_image_pixels and "
                               "data.max_caption_chars must be >= 1")
         if require_exists and not expand_paths(self.path):
-            raise ConfigError(f"data.path: nothing found at '{self.path}'. Fix: point it at a .jsonl/.csv "
-                              "file, a shard pattern such as 'shards/{000000..000009}.tar', or an image folder "
-                              "(generate one with `llm2clip data synth`)")
+            raise missing_path(key, self.path)
+
+
+def missing_path(key: str, pattern: str) -> ConfigError:
+    synth = " (the shapes world: `llm2clip data synth`)" if key == "data.path" else ""
+    return ConfigError(one_line(f"{key}: nothing found at '{pattern}'. Fix: point {key} at a .jsonl/.csv file, a "
+                                f"shard pattern such as 'shards/{{000000..000009}}.tar', or an image folder{synth}"))
 
 
 @dataclass
@@ -101,13 +106,18 @@ def expand_paths(pattern: str) -> list[str]:
     return out
 
 
+def path_format(path: str) -> str | None:
+    """The format a path shows: its suffix, or for a folder, shards (*.tar) or images; None if unknown."""
+    if Path(path).is_dir():
+        return "webdataset" if any(Path(path).glob("*.tar")) else "imagefolder"
+    return next((fmt for suffix, fmt in ((".jsonl", "jsonl"), (".csv", "csv"), (".tar", "webdataset"))
+                 if path.endswith(suffix)), None)
+
+
 def detect_format(paths: list[str]) -> str:
     first = paths[0]
-    if Path(first).is_dir():
-        return "imagefolder"
-    for suffix, fmt in ((".jsonl", "jsonl"), (".csv", "csv"), (".tar", "webdataset")):
-        if first.endswith(suffix):
-            return fmt
+    if fmt := path_format(first):
+        return fmt
     raise ConfigError(f"data.format: cannot tell the format of '{first}'; set data.format to one of "
                       f"{', '.join(FORMATS[1:])}")
 
@@ -134,13 +144,24 @@ class _Skip(Exception):
 class CaptionReader:
     """Iterate `Sample`s from `cfg.path`; `stats` holds what was skipped and why."""
 
-    def __init__(self, cfg: DataConfig, shard: tuple[int, int] = (0, 1), load_images: bool = True):
+    def __init__(self, cfg: DataConfig, shard: tuple[int, int] = (0, 1), load_images: bool = True,
+                 key: str = "data.path"):
         """`shard=(k, n)`: keep rows k, k+n, k+2n, ... (per dataloader worker / rank); others are not decoded.
-        `load_images=False`: text only (stage 1); `Sample.image` is None and images are not opened."""
-        cfg.validate(require_exists=True)
+        `load_images=False`: text only (stage 1); `Sample.image` is None and images are not opened.
+        `key`: the config key that named `cfg.path`, for error messages."""
+        cfg.validate(require_exists=True, key=key)
         self.cfg = cfg
         self.paths = expand_paths(cfg.path)
         self.format = cfg.format if cfg.format != "auto" else detect_format(self.paths)
+        for path in self.paths:  # e.g. a JSONL file read as a shard would be "1 x corrupt shard"
+            if (shown := path_format(path)) not in (None, self.format):
+                how = "set" if cfg.format != "auto" else "detected from the first path"
+                raise ConfigError(one_line(f"data.format: '{self.format}' ({how}) does not fit '{path}', which is "
+                                           f"{shown}. Fix: set data.format={shown} or auto, or read one format "
+                                           "per path"))
+        if self.format == "webdataset":  # a folder of shards: its .tar files
+            self.paths = [s for p in self.paths for s in (sorted(glob.glob(str(Path(p) / "*.tar")))
+                                                          if Path(p).is_dir() else [p])]
         self.stats = SkipCounter()
         self.shard = shard
         self.load_images = load_images

@@ -125,6 +125,9 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
     if cfg.deepspeed:
         import deepspeed
 
+        from ..distributed import init_for_deepspeed
+
+        init_for_deepspeed()  # one process without a launcher: a one-rank group, not MPI
         ds_config = deepspeed_config(cfg.deepspeed, cfg.batch_size, world_size, cfg.max_grad_norm,
                                      bf16=device.type == "cuda")
         engine, optimizer, _, scheduler = deepspeed.initialize(model=embedder, optimizer=optimizer,

@@ -42,14 +42,19 @@ def run_cc(cfg, progress=True) -> dict:
 
 def run_eval_cra(cfg, progress=True) -> dict:
     from ..embedder import CaptionEmbedder
-    from .cra import evaluate_cra, read_views
+    from ..errors import ConfigError
+    from .cra import collect_views, evaluate_cra
 
-    views = read_views(cfg.stage1.cra_data)
+    s1 = cfg.stage1
+    if s1.cra_data is None:
+        raise ConfigError("stage1.cra_data is null, so there is nothing to evaluate. Fix: point it at a caption "
+                          "file with two or more captions per image")
+    views, info = collect_views(s1.cra_data, cfg.data, s1.cra_caption_keys, s1.cra_second_language_key)
     raw = evaluate_cra(CaptionEmbedder.load(replace(cfg.embedder, adapters=[])), views, progress)
-    cc = evaluate_cra(CaptionEmbedder.from_pretrained(cfg.stage1.cc.out, device=cfg.embedder.device), views, progress)
-    result = {"raw": raw, "cc": cc, "num_images": len(views["en"][0]), "data": cfg.stage1.cra_data}
-    Path(cfg.stage1.cra_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.stage1.cra_out).write_text(json.dumps(result, indent=1) + "\n")
+    cc = evaluate_cra(CaptionEmbedder.from_pretrained(s1.cc.out, device=cfg.embedder.device), views, progress)
+    result = {"raw": raw, "cc": cc, **info, "data": s1.cra_data}
+    Path(s1.cra_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(s1.cra_out).write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -60,7 +65,7 @@ def run_all(cfg, progress=True) -> dict:
     if cfg.stage1.mntp.enabled:
         out["mntp"] = run_mntp(cfg, progress)
     out["cc"] = run_cc(cfg, progress)
-    out["cra"] = run_eval_cra(cfg, progress)
+    out["cra"] = run_eval_cra(cfg, progress) if cfg.stage1.cra_data is not None else "skipped (stage1.cra_data: null)"
     return out
 
 

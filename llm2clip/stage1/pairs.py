@@ -41,11 +41,12 @@ class CaptionGroup:
     longs: list[str]
 
 
-def read_caption_groups(path: str, data_cfg: DataConfig | None = None) -> list[CaptionGroup]:
+def read_caption_groups(path: str, data_cfg: DataConfig | None = None, key: str = "stage1.cc.data"
+                        ) -> list[CaptionGroup]:
     """Short and long captions per image, from any format the readers support (images not opened)."""
     base = data_cfg or DataConfig()
     cfg = DataConfig(**{**base.__dict__, "path": path, "format": "auto"})
-    reader = CaptionReader(cfg, load_images=False)
+    reader = CaptionReader(cfg, load_images=False, key=key)
     groups = [CaptionGroup(s.short_caption, s.long_captions) for s in reader
               if s.short_caption and s.long_captions]
     if len(groups) < 2:

@@ -3,7 +3,8 @@
     cache build      embed every caption of cache.data with the stage-1 embedder  -> cache.out
     stage2 pretrain-clip | finetune-clip | train | eval | all
     run              the main job: data, stage 1, cache, stage 2, evaluation, export (reuses what exists)
-    export           vision tower (HF CLIP vision folder) and whole model from a trained LLM2CLIP
+    export           vision tower (HF CLIP vision folder) and whole model from a trained LLM2CLIP, and the
+                     CLIP baseline's vision tower (clip_vision_tower/) when it was trained
     ablate online    LLM2CLIP trained on live LLM embeddings vs the cache, same steps and seed
 """
 
@@ -80,6 +81,12 @@ def _export(args) -> int:
     out = Path(args.out or cfg.run.out_dir)
     print(f"vision tower: {export_vision_tower(source, out / 'vision_tower')}")
     print(f"whole model:  {export_model(source, out / 'llm2clip')}")
+    baseline = model_folder(cfg.stage2.clip_finetune)  # the CLIP baseline's tower, as `llm2clip run` writes it
+    if (baseline / "config.json").is_file():
+        print(f"CLIP baseline vision tower: {export_vision_tower(baseline, out / 'clip_vision_tower')}")
+    else:
+        print(f"CLIP baseline vision tower: not written ({baseline} holds no model; train it with "
+              "`llm2clip stage2 finetune-clip`)")
     return 0
 
 

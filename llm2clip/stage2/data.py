@@ -34,11 +34,12 @@ class ImageSet:
 
     @classmethod
     def load(cls, data_cfg: DataConfig, path: str, processor=None, extra_fields: tuple[str, ...] = (),
-             progress: bool = False) -> ImageSet:
-        """`extra_fields`: text columns kept besides the short/long captions (e.g. second-language ones)."""
+             progress: bool = False, key: str = "data.path") -> ImageSet:
+        """`extra_fields`: text columns kept besides the short/long captions (e.g. second-language ones);
+        `key`: the config key that named `path`, for error messages."""
         cfg = replace(data_cfg, path=path, format="auto" if path != data_cfg.path else data_cfg.format)
         processor = processor or make_image_processor(cfg.image_size)
-        reader = CaptionReader(cfg)
+        reader = CaptionReader(cfg, key=key)
         keys, pixels, captions = [], [], []
         for sample in tqdm(reader, desc=f"images {path}", unit="img", disable=not progress):
             fields = {}

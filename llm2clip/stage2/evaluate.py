@@ -78,9 +78,10 @@ def run_eval(cfg, progress: bool = True, models: tuple[str, ...] = ("clip_pretra
                                                                        "llm2clip"), plots: bool = True) -> dict:
     """Evaluate whichever of `models` exist; write plots (unless `plots=False`, e.g. for ablations, whose
     runs must not overwrite the main run's figures); return the results.json dict (percent)."""
+    from ..embedder import resolve_device
     from ..report import plot_top5, plot_training_curves
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.stage2.device)
     images = load_images(cfg, cfg.stage2.eval_data, progress=False)
     sets = caption_sets(cfg)
     stage2 = cfg.stage2
@@ -103,7 +104,7 @@ def run_eval(cfg, progress: bool = True, models: tuple[str, ...] = ("clip_pretra
                 retrieval[name], features[name] = evaluate_retrieval(encode_images, encode_texts, images, sets,
                                                                      stage2.eval_batch_size)
     cra_path = Path(cfg.stage1.cra_out)
-    cra = json.loads(cra_path.read_text()) if cra_path.is_file() else None
+    cra = json.loads(cra_path.read_text()) if cra_path.is_file() and cfg.stage1.cra_data is not None else None
     results = {"cra": {k: cra[k] for k in ("raw", "cc")} if cra else None, "retrieval": retrieval,
                "eval_images": len(images), "eval_skipped": images.stats.skipped}
     if not plots:

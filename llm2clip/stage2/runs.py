@@ -41,8 +41,11 @@ class Stage2Config:
     llm2clip: TrainConfig = field(default_factory=lambda: _run("${run.out_dir}/stage2/llm2clip", lr=1e-5))
     online: bool = False  # feed live LLM embeddings instead of the cache (comparison / ablation)
     eval_batch_size: int = 256
+    device: str = "auto"  # training and evaluation: auto (cuda if visible) | cpu | cuda | cuda:N
 
     def validate(self) -> None:
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"stage2.device: '{self.device}' is not one of auto, cpu, cuda, cuda:N")
         self.model.validate()
         for name in ("clip_pretrain", "clip_finetune", "llm2clip"):
             getattr(self, name).validate(name)
@@ -110,13 +113,44 @@ def vision_model_family(cfg) -> str:
     return "clip" if cfg.vision.model == "tiny" else checkpoint_family(cfg.vision.model)
 
 
+def vision_image_size(source: str) -> int | None:
+    """The image size a CLIP or SigLIP checkpoint (full or vision-only, folder or hub id) was built for;
+    None for SigLIP 2 NaFlex, which has no fixed size (data.image_size is then its training square)."""
+    from transformers import CLIPVisionConfig
+    from transformers.utils import cached_file
+
+    config = cached_file(source, "config.json", _raise_exceptions_for_missing_entries=False)
+    if config is None:
+        return None
+    config = json.loads(Path(config).read_text())
+    vision = config.get("vision_config", config) if "vision_config" in config else config
+    if config.get("model_type") in ("clip", "clip_vision_model"):  # transformers' default when it is left out
+        return vision.get("image_size", CLIPVisionConfig().image_size)
+    return vision.get("image_size")
+
+
+def check_image_size(cfg) -> None:
+    """data.image_size must be the vision checkpoint's: a larger one fails deep in HF's position
+    embeddings, and with a preprocessor_config.json it would be ignored without a word."""
+    if cfg.vision.model == "tiny":
+        return
+    size = vision_image_size(cfg.vision.model)
+    if size is not None and size != cfg.data.image_size:
+        raise ConfigError(f"data.image_size is {cfg.data.image_size} but vision.model ({cfg.vision.model}) has "
+                          f"image_size {size}. Fix: set data.image_size={size}")
+
+
 def processor_for(cfg):
+    check_image_size(cfg)
     source = cfg.vision.model if cfg.vision.model != "tiny" and Path(cfg.vision.model).is_dir() else None
     return make_image_processor(cfg.data.image_size, source, family=vision_model_family(cfg))
 
 
 def load_images(cfg, path: str, progress: bool = True) -> ImageSet:
-    return ImageSet.load(cfg.data, path, processor_for(cfg), tuple(cfg.stage2.second_language_fields), progress)
+    keys = {cfg.knowledge_clip.probe_val_data: "knowledge_clip.probe_val_data", cfg.stage2.eval_data:
+            "stage2.eval_data", cfg.stage2.train_data: "stage2.train_data"}  # the key named in errors
+    return ImageSet.load(cfg.data, path, processor_for(cfg), tuple(cfg.stage2.second_language_fields), progress,
+                         key=keys.get(path, "data.path"))
 
 
 def model_folder(run: TrainConfig) -> Path:
@@ -126,8 +160,10 @@ def model_folder(run: TrainConfig) -> Path:
 def _train(cfg, model, text_side, images: ImageSet, run: TrainConfig, name: str, loss: str, progress: bool) -> dict:
     sampler = CaptionSampler(cfg.data.short_caption_key, list(cfg.data.long_caption_keys), run.long_caption_ratio,
                              cfg.run.seed)
+    from ..embedder import resolve_device
+
     summary = train_contrastive(model, text_side, images, sampler, run, name=name, seed=cfg.run.seed, loss=loss,
-                                progress=progress)
+                                progress=progress, device=resolve_device(cfg.stage2.device))
     (Path(run.out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -185,7 +221,36 @@ def build_llm2clip(cfg, llm_dim: int, embedder_ref: dict | None) -> LLM2CLIP:
     model_cfg = cfg.stage2.model
     if model_cfg.loss == "siglip" and math.isclose(model_cfg.init_logit_scale, math.log(1 / 0.07)):
         model_cfg = ModelConfig(**{**model_cfg.__dict__, "init_logit_scale": math.log(10)})
+    inherited = clip_logit_scale(pretrained_clip_folder(cfg)) if model_cfg.inherit_logit_scale else None
+    if model_cfg.loss == "clip" and inherited is not None:  # as the official LLM2CLIP: CLIP's own temperature
+        model_cfg = ModelConfig(**{**model_cfg.__dict__, "init_logit_scale": inherited})
     return LLM2CLIP(vision, llm_dim, model_cfg, embedder_ref)
+
+
+def clip_logit_scale(source: str) -> float | None:
+    """The `logit_scale` of a full CLIPModel checkpoint (folder or hub id), read alone; None for a
+    vision-only checkpoint, which has none."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    def file(name):
+        return cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+
+    config = file("config.json")
+    if config is None or json.loads(Path(config).read_text()).get("model_type") != "clip":
+        return None
+    weights = file("model.safetensors")
+    if weights is None and (index := file("model.safetensors.index.json")):
+        shard = json.loads(Path(index).read_text())["weight_map"].get("logit_scale")
+        weights = file(shard) if shard else None
+    if weights is not None:
+        with safe_open(weights, framework="pt") as f:
+            names = f.keys()
+            return float(f.get_tensor("logit_scale")) if "logit_scale" in names else None
+    if bin_file := file("pytorch_model.bin"):  # OpenAI's hub folders also ship the pickle: tensors only
+        value = torch.load(bin_file, map_location="cpu", weights_only=True, mmap=True).get("logit_scale")
+        return float(value) if value is not None else None
+    return None
 
 
 def run_llm2clip(cfg, images: ImageSet, progress: bool = True) -> dict:

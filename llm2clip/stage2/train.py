@@ -179,8 +179,10 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
     if cfg.deepspeed:
         import deepspeed
 
+        from ..distributed import init_for_deepspeed
         from ..stage1.cc import deepspeed_config
 
+        init_for_deepspeed()  # one process without a launcher: a one-rank group, not MPI
         ds = deepspeed_config(cfg.deepspeed, cfg.batch_size // world_size, world_size, cfg.max_grad_norm,
                               bf16=device.type == "cuda")
         scalars = _scalars_as_vectors(model)
