@@ -32,8 +32,9 @@ def resolve_vision_tower(name: str, cfg=None) -> str:
     if name in RUN_TOWERS:
         folder = run_dir(cfg) / RUN_TOWERS[name]
         if not (folder / "config.json").is_file():
-            raise ConfigError(f"vision tower '{name}' is the main job's export {folder}, which does not exist; "
-                              f"run `bash scripts/train_llm2clip.sh` first (or set LLM2CLIP_RUN_DIR to its run)")
+            raise ConfigError(f"vision tower '{name}' is the export {folder}, which does not exist; write it with "
+                              f"`llm2clip export --config <your run's config>` (or `bash scripts/train_llm2clip.sh` "
+                              f"for the tiny run), or pass --llm2clip_run_dir / LLM2CLIP_RUN_DIR for another run")
         return str(folder)
     if os.path.exists(name):
         if not (Path(name) / "config.json").is_file():
