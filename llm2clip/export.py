@@ -22,11 +22,6 @@ from .portable import ExportError, save_portable
 from .vision import image_size, load_vision_model, vision_family
 
 
-def load_clip_vision(name: str | Path, **kwargs):
-    """The vision encoder of a CLIP or SigLIP folder or hub name: llm2clip.vision.load_vision_model."""
-    return load_vision_model(name, **kwargs)
-
-
 def export_vision_tower(model: LLM2CLIP | str | Path, out: str | Path, image_processor=None) -> Path:
     """Write the vision encoder of `model` (an LLM2CLIP, its folder, or an HF CLIPModel folder such as the
     baseline's) as a plain CLIP/Siglip/Siglip2VisionModel folder. SigLIP 2 (NaFlex) gets the
@@ -36,7 +31,7 @@ def export_vision_tower(model: LLM2CLIP | str | Path, out: str | Path, image_pro
     if not isinstance(model, LLM2CLIP):
         folder = Path(model)
         if json.loads((folder / "config.json").read_text()).get("model_type") == "clip":
-            vision = load_clip_vision(folder)  # a plain CLIPModel folder: the baseline
+            vision = load_vision_model(folder)  # a plain CLIPModel folder: the baseline
         else:
             vision = LLM2CLIP.from_pretrained(folder).vision
         image_processor = image_processor or make_image_processor(image_size(vision.config), pretrained=folder,

@@ -34,12 +34,18 @@ def _run_stage1(tmp_path, *overrides):
     return _stage1(cfg, Ledger(tmp_path), _step_inputs(cfg), False, False)
 
 
-def test_a_changed_or_moved_cra_file_reruns_cra_and_nothing_else(tmp_path, monkeypatch):
+def _stage1_world(tmp_path, monkeypatch, files: dict[str, str]) -> list[str]:
+    """Faked stage-1 steps recording their calls, the given input files, and the stage1 folder."""
     calls = []
     _fake_stage1(monkeypatch, calls)
-    (tmp_path / "a.jsonl").write_text("one\n")
-    (tmp_path / "b.jsonl").write_text("two\n")
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
     os.makedirs(tmp_path / "stage1")
+    return calls
+
+
+def test_a_changed_or_moved_cra_file_reruns_cra_and_nothing_else(tmp_path, monkeypatch):
+    calls = _stage1_world(tmp_path, monkeypatch, {"a.jsonl": "one\n", "b.jsonl": "two\n"})
     _run_stage1(tmp_path, f"stage1.cra_data={tmp_path}/a.jsonl")
     assert calls == ["cc", "cra"]
     assert _run_stage1(tmp_path, f"stage1.cra_data={tmp_path}/a.jsonl") == {}  # everything current
@@ -54,11 +60,7 @@ def test_a_changed_or_moved_cra_file_reruns_cra_and_nothing_else(tmp_path, monke
 
 
 def test_changed_cc_data_reruns_cc_then_cra(tmp_path, monkeypatch):
-    calls = []
-    _fake_stage1(monkeypatch, calls)
-    (tmp_path / "cra.jsonl").write_text("x\n")
-    (tmp_path / "train.jsonl").write_text("x\n")
-    os.makedirs(tmp_path / "stage1")
+    calls = _stage1_world(tmp_path, monkeypatch, {"cra.jsonl": "x\n", "train.jsonl": "x\n"})
     sets = [f"stage1.cra_data={tmp_path}/cra.jsonl", f"stage1.cc.data={tmp_path}/train.jsonl"]
     _run_stage1(tmp_path, *sets)
     os.utime(tmp_path / "train.jsonl", ns=(1, 1))

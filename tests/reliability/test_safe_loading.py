@@ -38,7 +38,7 @@ def test_a_crafted_projector_bin_is_refused_not_executed(tmp_path):
 def test_a_crafted_pytorch_model_bin_in_a_model_folder_is_refused_not_executed(tmp_path):
     from transformers import CLIPVisionConfig
 
-    from llm2clip.export import load_clip_vision
+    from llm2clip.vision import load_vision_model
 
     folder, marker = tmp_path / "tower", tmp_path / "pwned"
     folder.mkdir()
@@ -46,7 +46,7 @@ def test_a_crafted_pytorch_model_bin_in_a_model_folder_is_refused_not_executed(t
                      image_size=32, patch_size=16).save_pretrained(folder)
     _crafted(folder / "pytorch_model.bin", marker)
     with pytest.raises(Exception):  # noqa: B017
-        load_clip_vision(folder)
+        load_vision_model(folder)
     assert not marker.exists()
 
 
