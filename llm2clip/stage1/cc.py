@@ -74,7 +74,8 @@ class CCConfig:
         return {"seed": seed, **{k: v for k, v in asdict(self).items() if k not in skip}}
 
 
-def deepspeed_config(path: str, micro_batch: int, world_size: int, max_grad_norm: float, bf16: bool) -> dict:
+def deepspeed_config(path: str, micro_batch: int, world_size: int, max_grad_norm: float, bf16: bool,
+                     fp16: bool = False) -> dict:
     """Load a DeepSpeed JSON (LLaVA-style files use "auto") and fill the values we own."""
     config = json.loads(Path(path).read_text())
     auto = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
@@ -82,9 +83,11 @@ def deepspeed_config(path: str, micro_batch: int, world_size: int, max_grad_norm
     for key, value in auto.items():
         if config.get(key, "auto") == "auto":
             config[key] = value
-    for precision, enabled in (("bf16", bf16), ("fp16", False)):
+    for precision, enabled in (("bf16", bf16), ("fp16", fp16)):
         if isinstance(config.get(precision), dict) and config[precision].get("enabled") == "auto":
             config[precision]["enabled"] = enabled
+        elif enabled and precision == "fp16" and precision not in config:  # DeepSpeed's own loss scaler
+            config[precision] = {"enabled": True}
     config.pop("optimizer", None), config.pop("scheduler", None)  # ours: AdamW + transformers cosine
     return config
 

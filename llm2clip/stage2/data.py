@@ -92,8 +92,9 @@ class CaptionSampler:
     def __init__(self, short_field: str, long_fields: list[str], long_ratio: float, seed: int):
         self.short_field, self.long_fields, self.long_ratio, self.seed = short_field, long_fields, long_ratio, seed
 
-    def choose(self, captions: list[dict[str, str]], step: int) -> list[Caption]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+    def choose(self, captions: list[dict[str, str]], step: int, salt: int = 0) -> list[Caption]:
+        """`salt`: tells apart draws that share a step (each rank's own streamed samples)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step + (salt << 40))
         draws = torch.rand(len(captions), generator=g).tolist()
         picks = torch.randint(0, 1 << 30, (len(captions),), generator=g).tolist()
         out = []

@@ -1,15 +1,18 @@
 """One contrastive training loop for every stage-2 run: CLIP pretraining and fine-tuning (baseline) and
 LLM2CLIP (vision encoder + text adapter against frozen LLM vectors).
 
-- AdamW, transformers' cosine schedule with warmup, grad-norm clipping, bf16 autocast, logit scale
-  clamped to ln(100) after each step.
+- AdamW, transformers' cosine schedule with warmup, grad-norm clipping, logit scale clamped to ln(100)
+  after each step. Precision: bf16 autocast, fp16 autocast with a dynamic loss scale
+  (`torch.amp.GradScaler`, as the official LLM2CLIP trains; V100/T4 have no bf16), or fp32.
 - Gradient accumulation as open_clip's `--accum-freq`: features of every micro-batch are computed
   once without grad, then each micro-batch is recomputed with grad against all of them, so the
   negatives span the whole accumulated batch and the gradient equals the big-batch gradient.
 - One process, torchrun (DDP; each rank takes a slice of the global batch and features are gathered
   with gradients) or DeepSpeed (`deepspeed` = a ZeRO JSON config).
+- Batches come from a `llm2clip.stage2.batches` source: in memory, or streamed from shards.
 - Atomic checkpoints every `checkpoint_every` steps; `resume` continues from the newest valid one and,
-  on CPU, reproduces the uninterrupted run bit for bit (batches and captions are functions of the step).
+  on CPU, reproduces the uninterrupted run bit for bit: in memory a batch is a function of the step;
+  streamed, the checkpoint carries every rank's and worker's sample position (and the loss scale).
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import checkpoint_extra, latest_checkpoint, load_checkpoint, save_checkpoint
 from ..distributed import global_mean, init_from_env
 from ..errors import ConfigError
 from ..guards import apply_step, check_policy
 from ..losses import ClipLoss, SigLipLoss
 from ..precision import bf16_autocast
-from .data import CaptionSampler, ImageSet, batch_indices
+from .batches import as_batches
+from .data import CaptionSampler
 
 
 @dataclass
@@ -45,7 +49,7 @@ class TrainConfig:
     max_grad_norm: float = 5.0
     long_caption_ratio: float = 0.5  # share of samples that train with a long caption (paper: 1:1)
     accum_freq: int = 1  # micro-batches per step; negatives still span the whole batch
-    precision: str = "bf16"  # bf16 (autocast) | fp32
+    precision: str = "bf16"  # bf16 (autocast) | fp16 (autocast + dynamic loss scaling) | fp32
     checkpoint_every: int = 100  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     deepspeed: str | None = None  # DeepSpeed JSON (ZeRO-1/2); run under torchrun or the deepspeed launcher
@@ -59,8 +63,8 @@ class TrainConfig:
             raise ConfigError(f"{name}: batch_size must be >= 2, steps and accum_freq >= 1")
         if not 0.0 <= self.long_caption_ratio <= 1.0:
             raise ConfigError(f"{name}.long_caption_ratio must be in [0, 1]")
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"{name}.precision must be bf16 or fp32")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"{name}.precision must be bf16, fp16 or fp32")
         check_policy(f"{name}.nonfinite", self.nonfinite, self.deepspeed)
         if self.deepspeed and self.accum_freq > 1:
             raise ConfigError(f"{name}: accum_freq > 1 is not supported under DeepSpeed; raise batch_size "
@@ -123,12 +127,14 @@ def _objective(loss_fn, weights: dict[str, float], outputs, weight_scale: float 
     return total, {"clip": contrastive.detach(), **{k: v.detach() for k, v in terms.items()}}
 
 
-def _step_loss(model, loss_fn, pixels, text_in, accum_freq: int, no_sync, weights=None):
-    """Forward + backward of one step; returns the loss and its parts (detached)."""
+def _step_loss(model, loss_fn, pixels, text_in, accum_freq: int, no_sync, weights=None, backward=None):
+    """Forward + backward of one step; returns the loss and its parts (detached). `backward(loss)`:
+    e.g. through a loss scaler (default: loss.backward())."""
     weights = weights or {}
+    backward = backward or torch.Tensor.backward
     if accum_freq == 1:
         loss, parts = _objective(loss_fn, weights, model(pixels, text_in))
-        loss.backward()
+        backward(loss)
         return loss.detach(), parts
     px, tx = pixels.chunk(accum_freq), _split(text_in, accum_freq)
     with torch.no_grad():
@@ -144,7 +150,7 @@ def _step_loss(model, loss_fn, pixels, text_in, accum_freq: int, no_sync, weight
         with no_sync() if j < accum_freq - 1 else contextlib.nullcontext():
             # the contrastive loss spans the whole batch in every pass; per-sample terms add up over passes
             loss, parts = _objective(loss_fn, weights, (images, texts, scale, bias, *outputs[4:]), 1 / accum_freq)
-            loss.backward()
+            backward(loss)
         clip_value = parts.get("clip")
         for k, v in parts.items():
             if k != "clip":
@@ -155,26 +161,34 @@ def _step_loss(model, loss_fn, pixels, text_in, accum_freq: int, no_sync, weight
     return total, {"clip": clip_value, **aux}
 
 
-def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampler: CaptionSampler,
-                      cfg: TrainConfig, *, name: str, seed: int = 0, loss: str = "clip", resume: bool = True,
-                      progress: bool = True, device: torch.device | None = None) -> dict:
-    """Train `model` (forward(pixels, text_input) -> image, text, scale, bias) in place; returns a summary."""
+def train_contrastive(model: torch.nn.Module, text_side, data, sampler: CaptionSampler, cfg: TrainConfig, *,
+                      name: str, seed: int = 0, loss: str = "clip", resume: bool = True, progress: bool = True,
+                      device: torch.device | None = None) -> dict:
+    """Train `model` (forward(pixels, text_input) -> image, text, scale, bias) in place; returns a summary.
+    `data`: an ImageSet or a batch source (llm2clip.stage2.batches)."""
     cfg.validate(name)
     rank, world_size = init_from_env()
+    section = name if "." in name else f"stage2.{name}"
     if cfg.batch_size % (world_size * cfg.accum_freq):
-        section = name if "." in name else f"stage2.{name}"
         raise ConfigError(f"{section}.batch_size={cfg.batch_size} must divide by processes x accum_freq "
                           f"({world_size} x {cfg.accum_freq})")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     loss_fn = SigLipLoss() if loss == "siglip" else ClipLoss(local_loss=True)
     optimizer, scheduler = _optimizer(model, cfg)
+    # fp16: a dynamic loss scale; a step whose gradients overflow is skipped and the scale halves
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and not cfg.deepspeed)
+    source = as_batches(data)
     out = Path(cfg.out)
-    start, rejected = 0, []
+    start, rejected, data_position = 0, [], None
     if resume:
         ckpt, rejected = latest_checkpoint(out / "checkpoints")
         if ckpt is not None:  # under DeepSpeed: weights and schedule (ZeRO partitions the optimizer)
             start = load_checkpoint(ckpt, model, None if cfg.deepspeed else optimizer, scheduler)
+            extra = checkpoint_extra(ckpt)
+            if extra.get("scaler"):
+                scaler.load_state_dict(extra["scaler"])
+            data_position = _rank_position(extra.get("data"), rank, world_size, section)
     engine, no_sync, scalars = model, contextlib.nullcontext, []
     if cfg.deepspeed:
         import deepspeed
@@ -184,7 +198,8 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
 
         init_for_deepspeed()  # one process without a launcher: a one-rank group, not MPI
         ds = deepspeed_config(cfg.deepspeed, cfg.batch_size // world_size, world_size, cfg.max_grad_norm,
-                              bf16=device.type == "cuda")
+                              bf16=device.type == "cuda" and cfg.precision == "bf16",
+                              fp16=device.type == "cuda" and cfg.precision == "fp16")
         scalars = _scalars_as_vectors(model)
         engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                lr_scheduler=scheduler, config=ds)
@@ -193,19 +208,15 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
         no_sync = engine.no_sync
     writer = _tensorboard(out / "tensorboard") if rank == 0 else None
     weights = getattr(model, "loss_weights", {})  # e.g. Knowledge-CLIP's α, β, γ
-    key, skipped = f"{name if '.' in name else 'stage2.' + name}.nonfinite", 0
+    key, skipped, overflows = f"{section}.nonfinite", 0, 0
     curve, terms, seen, t0 = [], [], 0, time.perf_counter()
+    batches = source.iterate(start, rank, world_size, cfg.batch_size, sampler, seed, data_position)
     bar = tqdm(range(start, cfg.steps), desc=name, disable=not progress or rank != 0,
                initial=start, total=cfg.steps)
     for step in bar:
-        # The global batch and its captions are drawn identically on every rank; each takes its slice.
-        batch = batch_indices(len(images), cfg.batch_size, step, seed)  # [B]
-        chosen = sampler.choose([images.captions[i] for i in batch], step)
-        b = cfg.batch_size // world_size
-        idx, captions = batch[rank * b:(rank + 1) * b], chosen[rank * b:(rank + 1) * b]
-        keys = [images.keys[i] for i in idx]
-        pixels, text_in = images.pixels[idx].to(device), _to(text_side(keys, captions), device)
-        with bf16_autocast(device, enabled=cfg.precision == "bf16"):
+        batch = next(batches)
+        pixels, text_in = batch.pixels.to(device), _to(text_side(batch.keys, batch.captions), device)
+        with autocast(device, cfg.precision):
             if cfg.deepspeed:
                 step_loss, parts = _objective(loss_fn, weights, engine(pixels, text_in))
                 engine.backward(step_loss)
@@ -213,11 +224,11 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
                 engine.step()
                 step_loss = step_loss.detach()
             else:
-                step_loss, parts = _step_loss(engine, loss_fn, pixels, text_in, cfg.accum_freq, no_sync, weights)
+                step_loss, parts = _step_loss(engine, loss_fn, pixels, text_in, cfg.accum_freq, no_sync, weights,
+                                              lambda value: scaler.scale(value).backward())
         if not cfg.deepspeed:
             if apply_step(step_loss, step, key, cfg.nonfinite):
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-                optimizer.step()
+                overflows += not _optimizer_step(model, optimizer, scaler, cfg.max_grad_norm)
             else:
                 skipped += 1
             scheduler.step()  # a skipped batch still uses up its step: the schedule stays a function of the step
@@ -238,10 +249,13 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
             for k, v in terms[-1].items():
                 writer.add_scalar(f"{name}/loss_{k}", v, step)
         last = step + 1 == cfg.steps
-        if rank == 0 and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last):
-            with _scalar_shapes(scalars):
-                save_checkpoint(out / "checkpoints", step + 1, model, None if cfg.deepspeed else optimizer,
-                                scheduler, cfg.keep_checkpoints)
+        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last:
+            extra = {"data": _gather_positions(source.position(), world_size),
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+            if rank == 0:
+                with _scalar_shapes(scalars):
+                    save_checkpoint(out / "checkpoints", step + 1, model, None if cfg.deepspeed else optimizer,
+                                    scheduler, cfg.keep_checkpoints, extra=extra)
     _reshape(scalars, ())
     if writer:
         writer.close()
@@ -249,6 +263,8 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
                "loss_first": curve[0] if curve else None, "loss_last": curve[-1] if curve else None,
                "images_per_s": round(seen / max(time.perf_counter() - t0, 1e-9), 1), "world_size": world_size,
                "skipped_nonfinite": skipped}
+    if scaler.is_enabled():
+        summary.update(loss_scale_overflows=overflows, loss_scale=scaler.get_scale())
     if terms and terms[0]:
         summary["terms_first"], summary["terms_last"] = terms[0], terms[-1]
     if rank == 0:
@@ -257,6 +273,44 @@ def train_contrastive(model: torch.nn.Module, text_side, images: ImageSet, sampl
             for i, (v, parts) in enumerate(zip(curve, terms, strict=True), start):
                 f.write(json.dumps({"step": i, "loss": v, **({"terms": parts} if parts else {})}) + "\n")
     return summary
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 where it pays (llm2clip.precision), fp16 as asked, fp32 otherwise."""
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return bf16_autocast(device, enabled=precision == "bf16")
+
+
+def _optimizer_step(model, optimizer, scaler: torch.amp.GradScaler, max_grad_norm: float) -> bool:
+    """Unscale, clip and step; False when the loss scaler skipped the step (inf/NaN gradients), which
+    also lowers the scale. A disabled scaler is a plain step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    return scale is None or scaler.get_scale() >= scale
+
+
+def _gather_positions(position: dict, world_size: int) -> dict | None:
+    """Every rank's data position (streamed data; None in memory), for rank 0's checkpoint."""
+    positions = [position]
+    if world_size > 1:
+        positions = [None] * world_size
+        torch.distributed.all_gather_object(positions, position)
+    return {"world_size": world_size, "ranks": positions} if any(positions) else None
+
+
+def _rank_position(saved: dict | None, rank: int, world_size: int, section: str) -> dict | None:
+    if not saved:
+        return None
+    if saved["world_size"] != world_size:
+        raise ConfigError(f"{section}: the checkpoint streamed data with {saved['world_size']} processes and this run "
+                          f"has {world_size}; a stream's sample position is per process. Fix: resume with "
+                          f"{saved['world_size']} processes, or start over in a new {section}.out")
+    return saved["ranks"][rank]
 
 
 def _scalars_as_vectors(model: torch.nn.Module) -> list[torch.nn.Parameter]:
