@@ -44,21 +44,25 @@ def as_percent_table(metrics: dict[str, float], ks: Sequence[int] = (1, 5, 10)) 
 
 
 # -- evaluating a model ------------------------------------------------------------------------------------
-def retrieval_sets(images, sets: dict[str, list[str]]) -> dict[str, tuple[list[str], list, torch.Tensor]]:
+# A split is anything with `batches(batch_size)` -> {"pixels" [b, 3, H, W], "keys", "captions" (field -> text)}
+# in a fixed order, and `pixels_at(indices)` [n, 3, H, W]: an in-memory ImageSet, or a streamed split that
+# never holds more than a few batches of pixels.
+def retrieval_sets(keys: list[str], captions: list[dict[str, str]], sets: dict[str, list[str]]
+                   ) -> dict[str, tuple[list[str], list, torch.Tensor]]:
     """Per set: (keys, captions, text_to_image) over every caption of the listed fields that exists."""
     from .stage2.data import Caption
 
     out = {}
     for name, fields in sets.items():
-        keys, captions, owner = [], [], []
-        for i, (key, caps) in enumerate(zip(images.keys, images.captions, strict=True)):
+        set_keys, set_captions, owner = [], [], []
+        for i, (key, caps) in enumerate(zip(keys, captions, strict=True)):
             for f in fields:
                 if f in caps:
-                    keys.append(key)
-                    captions.append(Caption(f, caps[f]))
+                    set_keys.append(key)
+                    set_captions.append(Caption(f, caps[f]))
                     owner.append(i)
-        if captions:
-            out[name] = (keys, captions, torch.tensor(owner, dtype=torch.long))
+        if set_captions:
+            out[name] = (set_keys, set_captions, torch.tensor(owner, dtype=torch.long))
     return out
 
 
@@ -68,13 +72,26 @@ def encode_in_batches(fn, items, batch_size: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def evaluate_retrieval(encode_images, encode_texts, images, sets: dict[str, list[str]],
+def encode_split(encode_images, split, batch_size: int) -> tuple[torch.Tensor, list[str], list[dict[str, str]]]:
+    """Image features [I, E] of a split as its batches arrive, with the keys and captions in that order."""
+    features, keys, captions = [], [], []
+    for batch in split.batches(batch_size):
+        features.append(encode_images(batch["pixels"]).float().cpu())
+        keys += batch["keys"]
+        captions += batch["captions"]
+    if not features:
+        raise ValueError("the evaluation split yielded no image")
+    return torch.cat(features), keys, captions
+
+
+@torch.inference_mode()
+def evaluate_retrieval(encode_images, encode_texts, split, sets: dict[str, list[str]],
                        batch_size: int = 256) -> tuple[dict[str, dict[str, float]], dict]:
     """encode_images(pixels [B, 3, H, W]) -> [B, E]; encode_texts(keys, captions) -> [B, E] (both
     L2-normalised). Returns ({set: {i2t_r1, t2i_r1, ...} in percent}, raw features for plots)."""
-    image_features = encode_in_batches(encode_images, images.pixels, batch_size)  # [I, E]
-    results, features = {}, {"images": image_features}
-    for name, (keys, captions, owner) in retrieval_sets(images, sets).items():
+    image_features, image_keys, image_captions = encode_split(encode_images, split, batch_size)  # [I, E]
+    results, features = {}, {"images": image_features, "image_keys": image_keys}
+    for name, (keys, captions, owner) in retrieval_sets(image_keys, image_captions, sets).items():
         def encode(idx, keys=keys, captions=captions):
             return encode_texts([keys[i] for i in idx], [captions[i] for i in idx])
 

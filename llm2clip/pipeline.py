@@ -189,13 +189,13 @@ def run_main(cfg, *, force: bool = False, progress: bool = True) -> dict:
     ledger, inputs = Ledger(out), _step_inputs(cfg)
     summary["stage1"] = timed("stage1", lambda: _stage1(cfg, ledger, inputs, force, progress))
     summary["cache"] = timed("cache", lambda: _cache(cfg, ledger, inputs, force, progress))
-    train_images = None
+    train_data = None
 
-    def images():
-        nonlocal train_images
-        if train_images is None:
-            train_images = runs.load_images(cfg, cfg.stage2.train_data, progress)
-        return train_images
+    def images():  # the training split, in memory or streamed; read once for the three runs
+        nonlocal train_data
+        if train_data is None:
+            train_data = runs.train_data(cfg, progress)
+        return train_data
 
     stage2 = cfg.stage2
     summary["clip_pretrain"] = timed("clip_pretrain", lambda: _train_step(

@@ -82,15 +82,16 @@ def plot_top5(features: dict, images, out: Path, mean, std, queries: int = 4) ->
 
     texts, owner, captions = features["long"]
     picks = list(range(0, len(captions), max(1, len(captions) // queries)))[:queries]
+    tops = [(features["images"] @ texts[t]).topk(5).indices.tolist() for t in picks]  # scores [I] -> top 5
+    wanted = sorted({i for top in tops for i in top})
+    pixels = dict(zip(wanted, images.pixels_at(wanted), strict=True))  # a streamed split reads just these
     fig, axes = plt.subplots(len(picks), 6, figsize=(14, 2.6 * len(picks)), squeeze=False)
-    for row, t in enumerate(picks):
-        scores = features["images"] @ texts[t]  # [I]
-        top = scores.topk(5).indices.tolist()
+    for row, (t, top) in enumerate(zip(picks, tops, strict=True)):
         axes[row][0].text(0, 1, textwrap.fill(captions[t].text[:420], 48), fontsize=6, va="top")
         axes[row][0].axis("off")
         for col, i in enumerate(top, 1):
             ax = axes[row][col]
-            ax.imshow(_to_image(images.pixels[i], mean, std))
+            ax.imshow(_to_image(pixels[i], mean, std))
             ax.set_xticks([])
             ax.set_yticks([])
             hit = i == int(owner[t])

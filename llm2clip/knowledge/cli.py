@@ -28,7 +28,8 @@ def _require_main_job(cfg) -> None:
 
 def _run(args) -> int:
     from ..config import load_config
-    from ..stage2.runs import load_images
+    from ..stage2.batches import MemoryBatches
+    from ..stage2.runs import train_data
     from .evaluate import format_table, run_knowledge_eval
     from .train import model_is_current, run_concepts, run_knowledge_clip
 
@@ -49,8 +50,9 @@ def _run(args) -> int:
             # a finished model that is stale (or --force): its checkpoints are too; a killed run's resume
             if args.force or model_dir.is_dir():
                 shutil.rmtree(Path(kc.train.out) / "checkpoints", ignore_errors=True)
-            images = load_images(cfg, cfg.stage2.train_data, progress)
-            out["train"] = run_knowledge_clip(cfg, images, progress)
+            data = train_data(cfg, progress)
+            out["train"] = run_knowledge_clip(cfg, data, progress)
+            images = data.images if isinstance(data, MemoryBatches) else None  # decoded once, probed again
         else:
             out["train"] = {"reused": str(model_dir)}
         seconds["train"] = round(time.perf_counter() - t0, 1)

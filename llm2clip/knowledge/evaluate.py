@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..eval import encode_in_batches, evaluate_retrieval
+from ..eval import encode_split, evaluate_retrieval
 from ..precision import bf16_autocast
 from .attributes import ATTRIBUTES, CLASSES, attribute_labels, class_embeddings, label_array, linear_probe, zero_shot
 
@@ -106,13 +106,12 @@ def run_knowledge_eval(cfg, progress: bool = True, train_images=None, models: tu
     """Evaluate every available model; write and return the results (see module doc)."""
     from ..stage1.cra import evaluate_cra, read_views
     from ..stage2.evaluate import caption_sets
-    from ..stage2.runs import load_images
+    from ..stage2.runs import eval_split
 
     kc = cfg.knowledge_clip
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    splits = {"train": train_images or load_images(cfg, cfg.stage2.train_data, progress=False),
-              "val": load_images(cfg, kc.probe_val_data, progress=False),
-              "test": load_images(cfg, cfg.stage2.eval_data, progress=False)}
+    splits = {"train": train_images or eval_split(cfg, cfg.stage2.train_data),
+              "val": eval_split(cfg, kc.probe_val_data), "test": eval_split(cfg, cfg.stage2.eval_data)}
     paths = {"train": cfg.stage2.train_data, "val": kc.probe_val_data, "test": cfg.stage2.eval_data}
     labels = {s: attribute_labels(cfg.data, p) for s, p in paths.items()}
     views = read_views(cfg.stage1.cra_data)
@@ -121,12 +120,13 @@ def run_knowledge_eval(cfg, progress: bool = True, train_images=None, models: tu
     for name in names:
         model, pooled, encode_image, encode_texts, retrieval = _model_entry(cfg, name, device)
         with bf16_autocast(device):
-            feats = {s: encode_in_batches(pooled, images.pixels, cfg.stage2.eval_batch_size).numpy()
-                     for s, images in splits.items()}  # [N, W] per split
-            test_images = encode_in_batches(encode_image, splits["test"].pixels, cfg.stage2.eval_batch_size)
+            encoded = {s: encode_split(pooled, images, cfg.stage2.eval_batch_size) for s, images in splits.items()}
+            feats = {s: f.numpy() for s, (f, _, _) in encoded.items()}  # [N, W] per split
+            keys = {s: k for s, (_, k, _) in encoded.items()}
+            test_images, _, _ = encode_split(encode_image, splits["test"], cfg.stage2.eval_batch_size)
             probe, zs = {}, {}
             for attr in ATTRIBUTES:
-                y = {s: label_array(images.keys, labels[s], attr) for s, images in splits.items()}
+                y = {s: label_array(keys[s], labels[s], attr) for s in splits}
                 probe[attr], _ = linear_probe((feats["train"], y["train"]), (feats["val"], y["val"]),
                                               (feats["test"], y["test"]), kc.probe_c, cfg.run.seed)
                 zs[attr] = zero_shot(test_images, class_embeddings(encode_texts, attr), y["test"])

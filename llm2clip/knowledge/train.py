@@ -134,10 +134,12 @@ def model_is_current(cfg) -> bool:
     return json.loads(config.read_text()).get("concepts_id") == concepts_id(kc.concepts.out)
 
 
-def run_knowledge_clip(cfg, images, progress: bool = True) -> dict:
+def run_knowledge_clip(cfg, data, progress: bool = True) -> dict:
+    """`data`: the training split (an ImageSet or a stage-2 batch source)."""
     """Fine-tune the pretrained CLIP with α·L_clip + β·L_emb + γ·L_concept; writes <train.out>/model."""
     from ..baseline import BaselineCLIP
     from ..distributed import world
+    from ..stage2.batches import as_batches
     from ..stage2.data import CaptionSampler
     from ..stage2.runs import merged_vision, model_folder, prepare_vision, pretrained_clip_folder, processor_for
     from ..stage2.train import train_contrastive
@@ -146,7 +148,7 @@ def run_knowledge_clip(cfg, images, progress: bool = True) -> dict:
     kc, cache = cfg.knowledge_clip, _open_cache(cfg)
     concepts = Concepts.load(kc.concepts.out, dim=cache.dim, cache_fingerprint=cache.index["fingerprint"])
     train_fields = [cfg.data.short_caption_key, *cfg.data.long_caption_keys]
-    dropped = images.keep_cached(cache, cfg.data.strict, train_fields)
+    data, dropped = as_batches(data).only_cached(cache, cfg.data.strict, train_fields)
     base = BaselineCLIP.from_pretrained(pretrained_clip_folder(cfg), cfg.vision.attn_implementation)
     heads = HeadsConfig(llm_dim=cache.dim, num_concepts=concepts.num_concepts, concept_on_text=kc.concept_on_text,
                         concept_logit_scale=kc.concept_logit_scale)
@@ -154,8 +156,10 @@ def run_knowledge_clip(cfg, images, progress: bool = True) -> dict:
     model.clip.vision_model = prepare_vision(model.clip.vision_model, cfg.vision)
     sampler = CaptionSampler(cfg.data.short_caption_key, list(cfg.data.long_caption_keys),
                              kc.train.long_caption_ratio, cfg.run.seed)
-    summary = train_contrastive(model, KnowledgeTargets(model, cache, concepts), images, sampler, kc.train,
+    summary = train_contrastive(model, KnowledgeTargets(model, cache, concepts), data, sampler, kc.train,
                                 name="knowledge_clip.train", seed=cfg.run.seed, progress=progress)
+    if dropped is None:  # streamed: counted as the workers met them
+        dropped = data.stats.counts.get("missing cache entry", 0)
     summary.update(text_truncated=model.stats["truncated"], samples_without_cache_entry=dropped)
     if world()[0] == 0:
         model.clip.vision_model = merged_vision(model.clip.vision_model)

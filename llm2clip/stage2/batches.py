@@ -40,6 +40,10 @@ class MemoryBatches:
     def stats(self) -> SkipCounter | None:
         return self.images.stats
 
+    def only_cached(self, cache, strict: bool, fields: list[str]) -> tuple[MemoryBatches, int]:
+        """Samples whose captions the cache lacks are dropped now (and counted); -> (self, dropped)."""
+        return self, self.images.keep_cached(cache, strict, fields)
+
     def iterate(self, start: int, rank: int, world_size: int, batch_size: int, sampler: CaptionSampler,
                 seed: int, resume: dict | None = None) -> Iterator[StepBatch]:
         """`batch_size`: the global batch (every rank draws it identically and takes its slice)."""
@@ -57,13 +61,17 @@ class MemoryBatches:
 
 
 class StreamBatches:
-    """A streamed split (see llm2clip.data.stream): `make_dataset(rank, world_size, batch_size, seed,
-    resume)` builds the IterableDataset; `loader` holds the DataLoader knobs."""
+    """A streamed split (see llm2clip.data.stream): `make_dataset(rank=, world_size=, batch_size=, seed=,
+    resume=, keep=)` builds the IterableDataset; `loader` is the StreamConfig (workers, prefetch, ...)."""
 
-    def __init__(self, make_dataset, loader, stats: SkipCounter | None = None):
-        self.make_dataset, self.loader = make_dataset, loader
-        self.stats = stats or SkipCounter()
+    def __init__(self, make_dataset, loader, keep=None):
+        self.make_dataset, self.loader, self.keep = make_dataset, loader, keep
+        self.stats = SkipCounter()  # what the workers skipped, summed as batches arrive
         self._position = None
+
+    def only_cached(self, cache, strict: bool, fields: list[str]) -> tuple[StreamBatches, None]:
+        """A copy whose workers drop captions the cache lacks, as they stream (counted then)."""
+        return StreamBatches(self.make_dataset, self.loader, CachedOnly(cache, fields)), None
 
     def iterate(self, start: int, rank: int, world_size: int, batch_size: int, sampler: CaptionSampler,
                 seed: int, resume: dict | None = None) -> Iterator[StepBatch]:
@@ -72,8 +80,8 @@ class StreamBatches:
         from ..data.stream import StreamPosition, make_loader
 
         dataset = self.make_dataset(rank=rank, world_size=world_size, batch_size=batch_size // world_size, seed=seed,
-                                    resume=resume)
-        self._position = StreamPosition(start, resume)
+                                    resume=resume, keep=self.keep)
+        self._position = StreamPosition(resume)
         step = start
         for batch in make_loader(dataset, self.loader.workers, self.loader.prefetch_factor, self.loader.pin_memory):
             self._position.update(batch)
@@ -89,6 +97,59 @@ class StreamBatches:
         return self._position.state() if self._position is not None else {}
 
 
+class CachedOnly:
+    """A stream's keep filter: the captions of `fields` the embedding cache holds; a sample left with
+    none is dropped (counted as 'missing cache entry'; data.strict raises). Picklable: the cache
+    reopens its memory maps in each worker."""
+
+    reason = "missing cache entry"
+
+    def __init__(self, cache, fields: list[str]):
+        self.cache, self.fields = cache, list(fields)
+
+    def __call__(self, key: str, captions: dict[str, str]) -> dict[str, str] | None:
+        kept = {f: t for f, t in captions.items() if f not in self.fields or self.cache.has(key, f)}
+        return kept if any(f in kept for f in self.fields) else None
+
+
 def as_batches(data) -> MemoryBatches | StreamBatches:
     """An ImageSet is served from memory; a batch source passes through."""
     return MemoryBatches(data) if isinstance(data, ImageSet) else data
+
+
+class StreamSplit:
+    """An evaluation split read in one unshuffled pass per use, never whole in memory (the streamed
+    counterpart of ImageSet's `batches` / `pixels_at`). `len()` and `stats` hold after a pass."""
+
+    def __init__(self, data_cfg, path: str, processor, extra_fields: tuple[str, ...], workers: int, key: str):
+        self.data_cfg, self.path, self.processor = data_cfg, path, processor
+        self.extra_fields, self.workers, self.key = extra_fields, workers, key
+        self.stats, self._count = SkipCounter(), None
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
+        from ..data.stream import iter_eval_batches
+
+        stats, count = SkipCounter(), 0
+        for batch in iter_eval_batches(self.data_cfg, self.path, self.processor, self.extra_fields, batch_size,
+                                       self.workers, key=self.key):
+            for reason, n in batch["skipped"].items():
+                stats.counts[reason] += n
+            count += len(batch["keys"])
+            yield batch
+        stats.read, self.stats, self._count = count, stats, count
+
+    def pixels_at(self, indices: list[int]) -> torch.Tensor:
+        """[n, 3, H, W] of the samples at these positions of a pass (one more pass; the order is fixed)."""
+        wanted, found, seen = set(indices), {}, 0
+        for batch in self.batches(64):
+            for j in range(len(batch["keys"])):
+                if seen + j in wanted:
+                    found[seen + j] = batch["pixels"][j]
+            seen += len(batch["keys"])
+        return torch.stack([found[i] for i in indices])
+
+    def __len__(self) -> int:
+        if self._count is None:  # known after a pass; count with one if none has run
+            for _ in self.batches(256):
+                pass
+        return self._count

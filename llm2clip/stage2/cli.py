@@ -55,7 +55,7 @@ def _stage2(args) -> int:
         path.write_text(json.dumps(result, indent=1) + "\n")
         print_results(result)
         return 0
-    images = runs.load_images(cfg, cfg.stage2.train_data, progress)
+    images = runs.train_data(cfg, progress)
     steps = {"pretrain-clip": runs.run_clip_pretrain, "finetune-clip": runs.run_clip_finetune,
              "train": runs.run_llm2clip}
     names = list(steps) if args.step == "all" else [args.step]
@@ -93,11 +93,11 @@ def _export(args) -> int:
 def _ablate_online(args) -> int:
     """Offline (cached) vs online (live LLM) LLM2CLIP, same recipe; reports R@1 per caption set."""
     from .evaluate import run_eval
-    from .runs import load_images, run_llm2clip
+    from .runs import run_llm2clip, train_data
 
     cfg = _cfg(args)
     progress = not args.no_progress
-    images = load_images(cfg, cfg.stage2.train_data, progress)
+    images = train_data(cfg, progress)
     out = {}
     for mode in ("offline", "online"):
         run_dir = str(Path(cfg.run.out_dir) / "ablation" / mode)

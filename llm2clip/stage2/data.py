@@ -59,6 +59,15 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def batches(self, batch_size: int):
+        """The split in order, as evaluation reads it (llm2clip.eval)."""
+        for i in range(0, len(self.keys), batch_size):
+            yield {"pixels": self.pixels[i:i + batch_size], "keys": self.keys[i:i + batch_size],
+                   "captions": self.captions[i:i + batch_size]}
+
+    def pixels_at(self, indices: list[int]) -> torch.Tensor:
+        return self.pixels[torch.tensor(indices, dtype=torch.long)]  # [n, 3, H, W]
+
     def keep_cached(self, cache, strict: bool, fields: list[str]) -> int:
         """Drop the `fields` captions the cache lacks (and samples left with no caption to train on);
         strict: raise instead. Returns how many samples were dropped, each counted as 'missing cache

@@ -17,7 +17,7 @@ from ..eval import evaluate_retrieval
 from ..model import LLM2CLIP
 from ..precision import bf16_autocast
 from .data import CachedVectors, LiveVectors
-from .runs import load_images, model_folder, pretrained_clip_folder, processor_for, vision_model_family
+from .runs import eval_split, model_folder, pretrained_clip_folder, processor_for, vision_model_family
 
 
 def caption_sets(cfg) -> dict[str, list[str]]:
@@ -82,7 +82,7 @@ def run_eval(cfg, progress: bool = True, models: tuple[str, ...] = ("clip_pretra
     from ..report import plot_top5, plot_training_curves
 
     device = resolve_device(cfg.stage2.device)
-    images = load_images(cfg, cfg.stage2.eval_data, progress=False)
+    images = eval_split(cfg, cfg.stage2.eval_data)
     sets = caption_sets(cfg)
     stage2 = cfg.stage2
     loaders = {

@@ -17,8 +17,10 @@ import torch
 
 from ..baseline import BaselineCLIP, TextTowerConfig
 from ..data.images import make_image_processor
+from ..data.stream import StreamConfig
 from ..errors import ConfigError
 from ..model import LLM2CLIP, ModelConfig
+from .batches import MemoryBatches, StreamBatches, StreamSplit, as_batches
 from .data import CachedVectors, CaptionSampler, ImageSet, LiveVectors, Tokens
 from .train import TrainConfig, train_contrastive
 
@@ -40,6 +42,10 @@ class Stage2Config:
         "${run.out_dir}/stage2/clip_finetune", lr=1e-5))
     llm2clip: TrainConfig = field(default_factory=lambda: _run("${run.out_dir}/stage2/llm2clip", lr=1e-5))
     online: bool = False  # feed live LLM embeddings instead of the cache (comparison / ablation)
+    # true: stream train/eval data through DataLoader workers (shards of any size); false: decode each split
+    # into memory once (the shapes world: faster, and a step's batch needs no saved position)
+    streaming: bool = False
+    loader: StreamConfig = field(default_factory=StreamConfig)
     eval_batch_size: int = 256
     device: str = "auto"  # training and evaluation: auto (cuda if visible) | cpu | cuda | cuda:N
 
@@ -47,6 +53,7 @@ class Stage2Config:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"stage2.device: '{self.device}' is not one of auto, cpu, cuda, cuda:N")
         self.model.validate()
+        self.loader.validate()
         for name in ("clip_pretrain", "clip_finetune", "llm2clip"):
             getattr(self, name).validate(name)
 
@@ -146,29 +153,57 @@ def processor_for(cfg):
     return make_image_processor(cfg.data.image_size, source, family=vision_model_family(cfg))
 
 
-def load_images(cfg, path: str, progress: bool = True) -> ImageSet:
+def _path_key(cfg, path: str) -> str:
+    """The config key that named `path`, for error messages."""
     keys = {cfg.knowledge_clip.probe_val_data: "knowledge_clip.probe_val_data", cfg.stage2.eval_data:
-            "stage2.eval_data", cfg.stage2.train_data: "stage2.train_data"}  # the key named in errors
+            "stage2.eval_data", cfg.stage2.train_data: "stage2.train_data"}
+    return keys.get(path, "data.path")
+
+
+def load_images(cfg, path: str, progress: bool = True) -> ImageSet:
     return ImageSet.load(cfg.data, path, processor_for(cfg), tuple(cfg.stage2.second_language_fields), progress,
-                         key=keys.get(path, "data.path"))
+                         key=_path_key(cfg, path))
+
+
+def eval_split(cfg, path: str, progress: bool = False) -> ImageSet | StreamSplit:
+    """An evaluation split: streamed in one pass per use (stage2.streaming), else decoded into memory."""
+    if cfg.stage2.streaming:
+        return StreamSplit(cfg.data, path, processor_for(cfg), tuple(cfg.stage2.second_language_fields),
+                           cfg.stage2.loader.workers, _path_key(cfg, path))
+    return load_images(cfg, path, progress)
+
+
+def train_data(cfg, progress: bool = True) -> MemoryBatches | StreamBatches:
+    """Stage 2's training batches: streamed from stage2.train_data (stage2.streaming), else its split in memory."""
+    if not cfg.stage2.streaming:
+        return MemoryBatches(load_images(cfg, cfg.stage2.train_data, progress))
+    from functools import partial
+
+    from ..data.stream import StreamDataset
+
+    loader = cfg.stage2.loader
+    make = partial(StreamDataset, cfg.data, path=cfg.stage2.train_data, processor=processor_for(cfg),
+                   extra_fields=tuple(cfg.stage2.second_language_fields), shuffle_buffer=loader.shuffle_buffer,
+                   key="stage2.train_data")
+    return StreamBatches(make, loader)
 
 
 def model_folder(run: TrainConfig) -> Path:
     return Path(run.out) / "model"
 
 
-def _train(cfg, model, text_side, images: ImageSet, run: TrainConfig, name: str, loss: str, progress: bool) -> dict:
+def _train(cfg, model, text_side, data, run: TrainConfig, name: str, loss: str, progress: bool) -> dict:
     sampler = CaptionSampler(cfg.data.short_caption_key, list(cfg.data.long_caption_keys), run.long_caption_ratio,
                              cfg.run.seed)
     from ..embedder import resolve_device
 
-    summary = train_contrastive(model, text_side, images, sampler, run, name=name, seed=cfg.run.seed, loss=loss,
+    summary = train_contrastive(model, text_side, data, sampler, run, name=name, seed=cfg.run.seed, loss=loss,
                                 progress=progress, device=resolve_device(cfg.stage2.device))
     (Path(run.out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
-def run_clip_pretrain(cfg, images: ImageSet, progress: bool = True) -> dict:
+def run_clip_pretrain(cfg, data, progress: bool = True) -> dict:
     """Tiny world: a CLIP trained from scratch on short captions (the stand-in for OpenAI's weights)."""
     from ..distributed import world
 
@@ -178,7 +213,7 @@ def run_clip_pretrain(cfg, images: ImageSet, progress: bool = True) -> dict:
     torch.manual_seed(cfg.run.seed)
     model = BaselineCLIP.from_config(tiny_vision_config(cfg.vision, cfg.data.image_size), cfg.stage2.text,
                                      cfg.stage2.model.embed_dim)
-    summary = _train(cfg, model, Tokens(model), images, cfg.stage2.clip_pretrain, "clip_pretrain", "clip", progress)
+    summary = _train(cfg, model, Tokens(model), data, cfg.stage2.clip_pretrain, "clip_pretrain", "clip", progress)
     if world()[0] == 0:
         model.save_pretrained(model_folder(cfg.stage2.clip_pretrain), processor_for(cfg))
     return summary
@@ -196,7 +231,7 @@ def pretrained_clip_folder(cfg) -> str:
     return cfg.vision.model
 
 
-def run_clip_finetune(cfg, images: ImageSet, progress: bool = True) -> dict:
+def run_clip_finetune(cfg, data, progress: bool = True) -> dict:
     """The paper's baseline: the same mixed captions, through CLIP's own 77-token text encoder."""
     from ..distributed import world
 
@@ -205,7 +240,7 @@ def run_clip_finetune(cfg, images: ImageSet, progress: bool = True) -> dict:
                           "SigLIP checkpoint; set stage2.clip_finetune.enabled=false")
     model = BaselineCLIP.from_pretrained(pretrained_clip_folder(cfg), cfg.vision.attn_implementation)
     model.clip.vision_model = prepare_vision(model.clip.vision_model, cfg.vision)
-    summary = _train(cfg, model, Tokens(model), images, cfg.stage2.clip_finetune, "clip_finetune", "clip", progress)
+    summary = _train(cfg, model, Tokens(model), data, cfg.stage2.clip_finetune, "clip_finetune", "clip", progress)
     if world()[0] == 0:
         model.clip.vision_model = merged_vision(model.clip.vision_model)
         model.save_pretrained(model_folder(cfg.stage2.clip_finetune), processor_for(cfg))
@@ -253,7 +288,7 @@ def clip_logit_scale(source: str) -> float | None:
     return None
 
 
-def run_llm2clip(cfg, images: ImageSet, progress: bool = True) -> dict:
+def run_llm2clip(cfg, data, progress: bool = True) -> dict:
     """Vision encoder + adapter against the frozen LLM: cached vectors, or live ones (stage2.online)."""
     from ..cache import EmbeddingCache, fingerprint
     from ..distributed import world
@@ -261,36 +296,51 @@ def run_llm2clip(cfg, images: ImageSet, progress: bool = True) -> dict:
 
     emb_cfg = embedder_config(cfg)
     expected = fingerprint(emb_cfg, cfg.cache.dtype)
+    data, cache = as_batches(data), None
     if cfg.stage2.online:
         embedder = CaptionEmbedder.load(emb_cfg)
         text_side, llm_dim = LiveVectors(embedder), embedder.dim
     else:
         cache = EmbeddingCache.open(cfg.cache.out, expect=expected, verify=cfg.cache.verify)
-        images.keep_cached(cache, strict=cfg.data.strict,
-                           fields=[cfg.data.short_caption_key, *cfg.data.long_caption_keys])
+        data, _ = data.only_cached(cache, strict=cfg.data.strict,
+                                   fields=[cfg.data.short_caption_key, *cfg.data.long_caption_keys])
         text_side, llm_dim = CachedVectors(cache), cache.dim
     ref = {"config": emb_cfg.saved_fields(), "fingerprint": expected}
     model = build_llm2clip(cfg, llm_dim, ref)
     if cfg.stage2.model.center_vectors:
-        model.text_adapter.set_center(_sample_vectors(images, text_side, cfg))
+        model.text_adapter.set_center(_center_sample(cfg, data, text_side, cache))
     model.vision = prepare_vision(model.vision, cfg.vision)
-    summary = _train(cfg, model, text_side, images, cfg.stage2.llm2clip, "llm2clip", cfg.stage2.model.loss, progress)
-    summary["skipped_samples"] = dict(images.stats.counts) if images.stats else {}
+    summary = _train(cfg, model, text_side, data, cfg.stage2.llm2clip, "llm2clip", cfg.stage2.model.loss, progress)
+    summary["skipped_samples"] = dict(data.stats.counts) if data.stats else {}
     if world()[0] == 0:
         model.vision = merged_vision(model.vision)
         model.save_pretrained(model_folder(cfg.stage2.llm2clip), processor_for(cfg))
     return summary
 
 
-def _sample_vectors(images: ImageSet, text_side, cfg, n: int = 2048) -> torch.Tensor:
-    """LLM vectors of up to `n` training captions (short and long alike): [n, D]."""
+def _center_sample(cfg, data, text_side, cache, n: int = 2048) -> torch.Tensor:
+    """LLM vectors of up to `n` training captions (short and long alike) [n, D], to centre the adapter:
+    in memory, spread over the split; streamed, spread over the cache (no pass over the data), or the
+    first captions of the stream when embedding online."""
     from .data import Caption
 
     fields = [cfg.data.short_caption_key, *cfg.data.long_caption_keys]
-    pairs = [(k, Caption(f, caps[f])) for k, caps in zip(images.keys, images.captions, strict=True)
-             for f in fields if f in caps]
-    step = max(1, len(pairs) // n)
-    pairs = pairs[::step][:n]
+    if isinstance(data, MemoryBatches):
+        images = data.images
+        pairs = [(k, Caption(f, caps[f])) for k, caps in zip(images.keys, images.captions, strict=True)
+                 for f in fields if f in caps]
+        pairs = pairs[::max(1, len(pairs) // n)][:n]
+    elif cache is not None:
+        return torch.cat([cache.spread_rows(f, n // len(fields)).float() for f in fields if f in cache.fields])
+    else:
+        pairs = []
+        split = eval_split(cfg, cfg.stage2.train_data)
+        for batch in split.batches(256):
+            pairs += [(k, Caption(f, caps[f])) for k, caps in zip(batch["keys"], batch["captions"], strict=True)
+                      for f in fields if f in caps]
+            if len(pairs) >= n:
+                break
+        pairs = pairs[:n]
     return torch.cat([text_side([k for k, _ in pairs[i:i + 256]], [c for _, c in pairs[i:i + 256]])
                       for i in range(0, len(pairs), 256)])
 
