@@ -219,8 +219,14 @@ def test_keep_filter_drops_and_counts(shards):
     assert captions["s0_01"] == {"short_caption": "short s0_01", "zh": "zh s0_01"}
     assert captions["s0_02"] == {"short_caption": "short s0_02", "long_caption": "long s0_02", "zh": "zh s0_02"}
     assert _skips(batches) == {"missing cache entry": 6}
-    with pytest.raises(DataError, match="missing cache entry"):
-        list(_dataset(path, strict=True, keep=_CacheLike(), epochs=1))
+    with pytest.raises(DataError, match="missing cache entry"):  # raised in a worker, re-raised here
+        list(make_loader(_dataset(path, strict=True, keep=_CacheLike(), epochs=1), 2))
+
+
+def test_endless_stream_with_an_empty_consumer_is_an_error(tmp_path):
+    _write_shards(tmp_path, 1, 1)  # one sample, two consumers: consumer 1 would spin forever
+    with pytest.raises(DataError, match=r"consumer 1 of 2 .* no usable sample"):
+        next(iter(_dataset(tmp_path, rank=1, world_size=2)))
 
 
 def test_reader_defers_image_decoding(shards, world):
