@@ -242,7 +242,8 @@ class StreamDataset(IterableDataset):
 
 class StreamPosition:
     """Where a rank's stream stands: feed it every batch the training loop consumes (`update`), save
-    `state()` in the checkpoint, and pass it back as StreamDataset(resume=...)."""
+    `state()` in the checkpoint (one per rank: it holds that rank's consumers), and pass it back as
+    StreamDataset(resume=...). Only batches consumed count: prefetched ones are read again."""
 
     def __init__(self, resume: dict | None = None):
         self.step, self.states = _resume_states(resume)
