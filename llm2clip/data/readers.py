@@ -12,7 +12,7 @@ import io
 import json
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ def missing_path(key: str, pattern: str) -> ConfigError:
 @dataclass
 class Sample:
     key: str
-    image: Image.Image | None  # RGB; None when read with load_images=False
+    image: Image.Image | bytes | Path | None  # RGB; raw bytes / path with decode_images=False; None without images
     short_caption: str | None
     long_captions: list[str]
     meta: dict[str, Any]  # every other field of the row (second-language captions, attributes, ...)
@@ -94,6 +94,35 @@ class SkipCounter:
         """The summary on one line, for error messages: 'read 3, skipped 2: 2 x bad conversation'."""
         reasons = ", ".join(f"{n} x {reason}" for reason, n in sorted(self.counts.items()))
         return f"read {self.read}, skipped {self.skipped}" + (f": {reasons}" if reasons else "")
+
+
+def fail(stats: SkipCounter, strict: bool, reason: str, where: str, detail: str = "") -> None:
+    """Count a bad sample under `reason`, or under strict mode raise DataError naming `where`."""
+    if strict:
+        raise DataError(one_line(f"{where}: {reason}{': ' + detail if detail else ''}. Fix the sample, or "
+                                 "set data.strict=false to skip and count it"))
+    stats.skip(reason, where)
+
+
+def decode_sample(sample: Sample, max_image_pixels: int) -> Sample:
+    """A sample read with decode_images=False, its image decoded to RGB. Raises ImageSkip under the same
+    reasons the reader uses ('missing image file' | 'image too large' | 'unreadable image')."""
+    if sample.image is None or isinstance(sample.image, Image.Image):
+        return sample
+    return replace(sample, image=load_image(sample.image, max_image_pixels))
+
+
+def caption_fields(sample: Sample, cfg: DataConfig, extra_fields: tuple[str, ...] = ()) -> dict[str, str]:
+    """Field name -> text: the short caption, the long ones under cfg.long_caption_keys, and the
+    non-empty `extra_fields` text columns of sample.meta (e.g. second-language captions)."""
+    fields = {}
+    if sample.short_caption:
+        fields[cfg.short_caption_key] = sample.short_caption
+    fields.update(zip(cfg.long_caption_keys, sample.long_captions, strict=False))
+    for name in extra_fields:
+        if isinstance(sample.meta.get(name), str) and sample.meta[name].strip():
+            fields[name] = sample.meta[name].strip()
+    return fields
 
 
 def expand_paths(pattern: str) -> list[str]:
@@ -145,9 +174,12 @@ class CaptionReader:
     """Iterate `Sample`s from `cfg.path`; `stats` holds what was skipped and why."""
 
     def __init__(self, cfg: DataConfig, shard: tuple[int, int] = (0, 1), load_images: bool = True,
-                 key: str = "data.path"):
+                 key: str = "data.path", decode_images: bool = True, paths: list[str] | None = None):
         """`shard=(k, n)`: keep rows k, k+n, k+2n, ... (per dataloader worker / rank); others are not decoded.
         `load_images=False`: text only (stage 1); `Sample.image` is None and images are not opened.
+        `decode_images=False`: `Sample.image` is the image's raw bytes (shards) or its Path, decoded later
+        with `decode_sample` (a shuffle buffer then holds bytes, not pixels).
+        `paths`: read these files (a subset of cfg.path's, e.g. one consumer's shards) instead of all.
         `key`: the config key that named `cfg.path`, for error messages."""
         cfg.validate(require_exists=True, key=key)
         self.cfg = cfg
@@ -162,9 +194,11 @@ class CaptionReader:
         if self.format == "webdataset":  # a folder of shards: its .tar files
             self.paths = [s for p in self.paths for s in (sorted(glob.glob(str(Path(p) / "*.tar")))
                                                           if Path(p).is_dir() else [p])]
+        if paths is not None:
+            self.paths = list(paths)
         self.stats = SkipCounter()
         self.shard = shard
-        self.load_images = load_images
+        self.load_images, self.decode_images = load_images, decode_images
         self._row = -1
 
     def __iter__(self) -> Iterator[Sample]:
@@ -174,11 +208,12 @@ class CaptionReader:
             yield from read(path)
 
     # -- shared ------------------------------------------------------------------------------------
-    def _fail(self, reason: str, where: str, detail: str = "") -> None:
-        if self.cfg.strict:
-            raise DataError(one_line(f"{where}: {reason}{': ' + detail if detail else ''}. Fix the sample, or "
-                                     "set data.strict=false to skip and count it"))
-        self.stats.skip(reason, where)
+    def _fail(self, reason: str, where: str, detail: str = "", whole_file: bool = False) -> None:
+        """`whole_file`: a problem every row slice (`shard`) meets; only slice 0 counts it, so the
+        slices' counts add up to one."""
+        if whole_file and self.shard[0] != 0 and not self.cfg.strict:
+            return
+        fail(self.stats, self.cfg.strict, reason, where, detail)
 
     def _emit(self, build, where: str) -> Iterator[Sample]:
         self._row += 1
@@ -222,7 +257,9 @@ class CaptionReader:
             raise _Skip("empty caption", "no non-empty short or long caption")
         caption_keys = {cfg.short_caption_key, *cfg.long_caption_keys, cfg.image_key}
         meta = {k: v for k, v in row.items() if k not in caption_keys}
-        pixels = load_image(image, cfg.max_image_pixels) if self.load_images else None
+        if not self.load_images:
+            return Sample(key, None, short, longs, meta, where)
+        pixels = load_image(image, cfg.max_image_pixels) if self.decode_images else image
         return Sample(key, pixels, short, longs, meta, where)
 
     def _image_path(self, value: Any, file: str) -> Path:
@@ -262,14 +299,14 @@ class CaptionReader:
         try:
             header = reader.fieldnames or []
         except csv.Error as e:
-            self._fail("malformed csv", f"{file}:1", str(e))
+            self._fail("malformed csv", f"{file}:1", str(e), whole_file=True)
             return
         needed = [self.cfg.image_key]
         captions = [self.cfg.short_caption_key, *self.cfg.long_caption_keys]
         if self.cfg.image_key not in header or not any(c in header for c in captions):
             missing = [c for c in needed if c not in header] or [f"any of {captions}"]
             self._fail("missing column", f"{file}:1", f"header lacks {missing}; has {header}. Fix: set "
-                       "data.image_key / data.short_caption_key / data.long_caption_keys")
+                       "data.image_key / data.short_caption_key / data.long_caption_keys", whole_file=True)
             return
         rows = iter(reader)
         while True:
@@ -279,7 +316,7 @@ class CaptionReader:
             except StopIteration:
                 return
             except csv.Error as e:
-                self._fail("malformed csv", where, str(e))
+                self._fail("malformed csv", where, str(e), whole_file=True)
                 return
             where = f"{file}:{reader.line_num}"
 
@@ -329,7 +366,8 @@ class CaptionReader:
             broken += _tar_end_problem(shard)
         if broken:
             exn = broken[0]
-            self._fail("corrupt shard", shard, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+            self._fail("corrupt shard", shard, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}",
+                       whole_file=True)
 
     def _imagefolder(self, folder: str) -> Iterator[Sample]:
         # img2dataset's 'files' layout: name.png beside name.txt and/or name.json

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.images import make_image_processor
-from ..data.readers import CaptionReader, DataConfig, SkipCounter
+from ..data.readers import CaptionReader, DataConfig, SkipCounter, caption_fields
 
 
 @dataclass
@@ -42,13 +42,7 @@ class ImageSet:
         reader = CaptionReader(cfg, key=key)
         keys, pixels, captions = [], [], []
         for sample in tqdm(reader, desc=f"images {path}", unit="img", disable=not progress):
-            fields = {}
-            if sample.short_caption:
-                fields[cfg.short_caption_key] = sample.short_caption
-            fields.update(zip(cfg.long_caption_keys, sample.long_captions, strict=False))
-            for name in extra_fields:
-                if isinstance(sample.meta.get(name), str) and sample.meta[name].strip():
-                    fields[name] = sample.meta[name].strip()
+            fields = caption_fields(sample, cfg, extra_fields)
             keys.append(sample.key)
             pixels.append(processor(images=sample.image, return_tensors="pt")["pixel_values"][0])
             captions.append(fields)
