@@ -80,6 +80,27 @@ def test_a_killed_build_resumes_without_missing_or_duplicated_keys(world, emb_cf
     torch.testing.assert_close(resumed.lookup(keys, "long_caption"), vectors)
 
 
+@pytest.mark.parametrize("change", ["rename", "drop"])
+def test_a_resumed_build_over_changed_data_is_refused(world, emb_cfg, tmp_path, change):
+    """Resuming skips the samples the parts cover by count; a renamed or dropped sample is caught."""
+    lines = (world / "train.jsonl").read_text().splitlines()
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    cfg = replace(_cfg(world, tmp_path / "c"), data=[str(data)])
+    build_cache(cfg, emb_cfg, progress=False)
+    (tmp_path / "c/index.json").unlink()
+    row = json.loads(lines[5])
+    if change == "rename":  # inside the first part
+        lines[5] = json.dumps({**row, "key": row["key"] + "-renamed"})
+        match = rf"r000-000000.safetensors holds key '{row['key']}' at sample 5 of this rank, but .*-renamed'"
+    else:  # the data now ends inside the last part
+        lines = lines[:-3]
+        match = r"r000-00000\d.safetensors holds key .* but cache.data now has the end of the data there"
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=match + r".*llm2clip cache build --force"):
+        build_cache(cfg, emb_cfg, progress=False)
+
+
 def test_a_corrupted_or_truncated_part_is_named_when_first_read(world, emb_cfg, tmp_path):
     """Opening reads no vector: a bad part is found by the first lookup that reads it, and by verify_all."""
     from llm2clip.cache.parts import part_meta

@@ -3,10 +3,10 @@
 Under torchrun rank r embeds the samples at positions i with i % world_size == r (i counted within each
 file, files in order), so a rank's samples are a fixed sequence. Each part records the position of its
 first row in that sequence (`start`), so a resumed build skips the positions its parts cover by count:
-the data must not change between runs. That is checked cheaply: the first and last key of every
-existing part must be the samples at those positions, else the build stops and says to rebuild with
---force. Memory does not grow with the data: no list of samples, no set of keys; a key held twice is
-found when the parts are indexed (`write_index`).
+the data must not change between runs. That is checked as the data streams by: each skipped sample's
+key must be the key its part holds at that row (one part's key list in memory at a time), else the
+build stops and says to rebuild with --force. Memory does not grow with the data: no list of samples,
+no set of keys; a key held twice is found when the parts are indexed (`write_index`).
 """
 
 from __future__ import annotations
@@ -37,16 +37,16 @@ def _texts(sample, name: str, data_cfg: DataConfig) -> str | None:
     return value.strip() or None if isinstance(value, str) else None
 
 
-def _covered(parts: Path, rank: int, expected_fp: dict) -> dict[int, tuple[int, str, str, str]]:
-    """What this rank's existing parts cover: start position -> (rows, first key, last key, part name).
-    Parts of another setup are refused; parts written before `start` was recorded follow each other."""
+def _covered(parts: Path, rank: int, expected_fp: dict) -> dict[int, tuple[int, Path]]:
+    """What this rank's existing parts cover: start position -> (rows, part). Parts of another setup are
+    refused; parts written before `start` was recorded are taken to follow each other."""
     covered, position = {}, 0
     for p in sorted(parts.glob(f"r{rank:03d}-*.safetensors")):
         meta = part_meta(p)  # one part's header at a time
         check_fingerprint(meta["fingerprint"], expected_fp, str(p))
         start = position if meta["start"] is None else meta["start"]
         if meta["keys"]:
-            covered[start] = (len(meta["keys"]), meta["keys"][0], meta["keys"][-1], p.name)
+            covered[start] = (len(meta["keys"]), p)
         position = start + len(meta["keys"])
     return covered
 
@@ -99,21 +99,19 @@ def build_cache(cfg: CacheConfig, emb_cfg: EmbedderConfig, data_cfg: DataConfig 
     writer = CacheWriter(out, expected, cfg.dtype, emb.dim, cfg.fields, rank)
     counts = {"skipped": 0, "nonfinite": 0, "embedded": 0}
     bar = tqdm(desc="cache", unit="sample", disable=not progress or rank != 0)
-    chunk, chunk_start, skip_until, check = [], 0, 0, None
+    chunk, chunk_start = [], 0
+    skip_start, skip_keys, skip_part = 0, [], None  # the existing part being skipped, and its keys
     position = -1
     for position, sample in enumerate(_rank_samples(cfg, base, rank, world_size, counts)):
         if position in covered:  # an existing part begins here: flush what is pending, then skip its rows
             _flush(writer, emb, chunk, chunk_start, base, cfg, counts, bar)
             chunk = []
-            rows, first, last, name = covered[position]
-            if sample.key != first:
-                raise _changed(out, name, position, sample.key, first)
-            skip_until, check = position + rows, (position + rows - 1, last, name)
-        if check is not None and position == check[0]:
-            if sample.key != check[1]:
-                raise _changed(out, check[2], position, sample.key, check[1])
-            check = None
-        if position < skip_until:
+            skip_start, skip_part = position, covered[position][1]
+            skip_keys = part_meta(skip_part)["keys"]
+        if position < skip_start + len(skip_keys):
+            want = skip_keys[position - skip_start]
+            if sample.key != want:
+                raise _changed(out, skip_part.name, position, sample.key, want)
             continue
         if not chunk:
             chunk_start = position
@@ -122,11 +120,11 @@ def build_cache(cfg: CacheConfig, emb_cfg: EmbedderConfig, data_cfg: DataConfig 
             _flush(writer, emb, chunk, chunk_start, base, cfg, counts, bar)
             chunk = []
     _flush(writer, emb, chunk, chunk_start, base, cfg, counts, bar)
-    if check is not None or any(start > position for start in covered):
-        start = check[0] if check is not None else min(s for s in covered if s > position)
-        name = check[2] if check is not None else covered[start][3]
-        want = check[1] if check is not None else covered[start][1]
-        raise _changed(out, name, start, None, want)
+    n = position + 1  # this rank's samples in the data as it is now
+    for start, (rows, part) in covered.items():
+        if start + rows > n:  # the data ends before this part does
+            at = max(start, n)
+            raise _changed(out, part.name, at, None, part_meta(part)["keys"][at - start])
     bar.close()
     _barrier(world_size)
     if rank == 0:

@@ -132,6 +132,8 @@ class CacheWriter:
         tensors = {}
         for name in self.fields:
             v = vectors[name].to(self.dtype).contiguous()  # [n, D]
+            if any(v.data_ptr() == t.data_ptr() for t in tensors.values()):
+                v = v.clone()  # safetensors refuses tensors that share memory
             if tuple(v.shape) != (n, self.dim):
                 raise ValueError(f"field '{name}': vectors of shape {tuple(v.shape)}, expected ({n}, {self.dim})")
             mask = present[name] if present is not None and name in present else torch.ones(n, dtype=torch.bool)
