@@ -67,27 +67,36 @@ def part_meta(path: Path) -> dict:
             "start": int(meta["start"]) if "start" in meta else None}
 
 
-class PartFile:
-    """One part mapped read-only: `gather(name, rows)` copies out the rows it is asked for."""
+def part_layout(path: Path) -> tuple[int, int, dict[str, tuple[str, list[int], int, int]]]:
+    """(data start, data length, name -> (dtype, shape, begin, end)) of a part, checked against its size.
+    Small and kept per part by the reader, so remapping an evicted part does not parse its keys again."""
+    header, data_start = read_header(path)
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    size = path.stat().st_size
+    if data_start + end != size:
+        raise corrupt_part(path, f"{size} bytes where its header describes {data_start + end}")
+    for name, t in header.items():
+        if t["dtype"] not in NP_DTYPES:
+            raise corrupt_part(path, f"tensor '{name}' has dtype {t['dtype']}")
+    return data_start, end, {name: (t["dtype"], t["shape"], *t["data_offsets"]) for name, t in header.items()}
 
-    def __init__(self, path: Path):
+
+class PartFile:
+    """One part mapped read-only: `tensors[name]` is (numpy view [rows, ...], torch dtype to serve)."""
+
+    def __init__(self, path: Path, layout: tuple | None = None):
         self.path = path
-        header, data_start = read_header(path)
-        header.pop("__metadata__", None)
-        size = path.stat().st_size
-        end = max((t["data_offsets"][1] for t in header.values()), default=0)
-        if data_start + end != size:
-            raise corrupt_part(path, f"{size} bytes where its header describes {data_start + end}")
-        # one map over the whole data section; each tensor is a view into it
+        data_start, end, tensors = layout or part_layout(path)
+        if path.stat().st_size != data_start + end:  # replaced since the layout was read
+            raise corrupt_part(path, f"{path.stat().st_size} bytes where its header describes {data_start + end}")
+        # one map over the whole data section (one file descriptor); each tensor is a view into it
         self._data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(end,)) if end else None
         self.tensors: dict[str, tuple[np.ndarray, torch.dtype]] = {}
-        for name, t in header.items():
-            if t["dtype"] not in NP_DTYPES:
-                raise corrupt_part(path, f"tensor '{name}' has dtype {t['dtype']}")
-            np_dtype, torch_dtype = NP_DTYPES[t["dtype"]]
-            lo, hi = t["data_offsets"]
-            view = self._data[lo:hi].view(np_dtype).reshape(t["shape"]) if self._data is not None else \
-                np.zeros(t["shape"], np_dtype)
+        for name, (dtype, shape, lo, hi) in tensors.items():
+            np_dtype, torch_dtype = NP_DTYPES[dtype]
+            view = self._data[lo:hi].view(np_dtype).reshape(shape) if self._data is not None else \
+                np.zeros(shape, np_dtype)
             self.tensors[name] = (view, torch_dtype)
 
     def rows(self, name: str) -> np.ndarray:

@@ -2,10 +2,13 @@
 
 Opening reads index.json and maps the key index; no vector is read. Parts are mapped on first use and
 at most `max_open_parts` stay mapped (least recently used goes first; 100M keys are tens of thousands
-of parts and each map holds a file descriptor). With verify=True a part's sha256 is checked the first
-time this process maps it, so the first batches of a run pay for reading the parts they touch once;
-the key index is checked at open when it is at most 256 MiB (about 22M keys) and otherwise only by
-`verify_all()` (`llm2clip cache verify`), which checks every part and the key index.
+of parts and each map holds a file descriptor). A part's parsed header is kept once read (its tensor
+layout only, a few hundred bytes), so remapping an evicted part costs an mmap, not a JSON parse.
+
+With verify=True a part's sha256 is checked the first time this process maps it, so the first batches
+of a run pay for reading the parts they touch once (per process: each DataLoader worker checks the
+parts it reads). The key index is checked at open when it is at most 256 MiB (about 22M keys), and
+otherwise only by `verify_all()` (`llm2clip cache verify`), which checks every part and the key index.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from ..errors import ConfigError
 from .base import INDEX, MissingEmbedding, check_fingerprint, corrupt_part, sha256_file
 from .keyindex import KeyIndex
-from .parts import PartFile, part_meta, to_torch
+from .parts import PartFile, part_layout, part_meta, to_torch
 
 _VERIFY_INDEX_AT_OPEN = 256 << 20
 
@@ -39,6 +42,7 @@ class EmbeddingCache:
         self._keyindex: KeyIndex | None = None
         self._open: OrderedDict[int, PartFile] = OrderedDict()  # part number -> mapped part, LRU order
         self._verified: set[int] = set()
+        self._layouts: dict[int, tuple] = {}  # part number -> its parsed header (tensors only, no keys)
 
     @classmethod
     def open(cls, folder: str | os.PathLike, expect: dict | None = None, verify: bool = True) -> EmbeddingCache:
@@ -98,9 +102,12 @@ class EmbeddingCache:
             if not path.is_file() or sha256_file(path) != entry["sha256"]:
                 raise corrupt_part(path, "sha256 mismatch" if path.is_file() else "the file is missing")
             self._verified.add(i)
-        part = PartFile(path)
-        if part.rows(next(iter(part.tensors))).shape[0] != entry["rows"]:
-            raise corrupt_part(path, f"its tensors do not hold the {entry['rows']} rows of index.json")
+        if i not in self._layouts:
+            layout = part_layout(path)
+            if any(shape[:1] != [entry["rows"]] for _, shape, _, _ in layout[2].values()):
+                raise corrupt_part(path, f"its tensors do not hold the {entry['rows']} rows of index.json")
+            self._layouts[i] = layout
+        part = PartFile(path, self._layouts[i])
         self._open[i] = part
         while len(self._open) > self.max_open_parts:
             self._open.popitem(last=False)[1].close()
