@@ -30,16 +30,29 @@ from .parts import PartFile, part_layout, part_meta, to_torch
 _VERIFY_INDEX_AT_OPEN = 256 << 20
 
 
+def _open_parts_limit() -> int:
+    """How many parts may stay mapped: each holds a descriptor; a random batch of a big cache touches as many
+    parts as it has keys, so more maps mean fewer remaps."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return EmbeddingCache.max_open_parts
+    return max(EmbeddingCache.max_open_parts, min(1024, soft // 4)) if soft != resource.RLIM_INFINITY else 1024
+
+
 class EmbeddingCache:
     """Serves cached vectors by sample key: `lookup(keys, field) -> [B, D]`. Picklable (for DataLoader
     workers): the pickle holds the folder, settings and parsed index.json, and each process maps on its own."""
 
-    max_open_parts = 128
+    max_open_parts = 128  # raised to a quarter of the file-descriptor limit, up to 1024, where allowed
 
     def __init__(self, folder: Path, index: dict, expect: dict | None = None, verify: bool = True):
         self.folder, self.index, self.expect, self.verify = Path(folder), index, expect, verify
         self._starts = np.concatenate([[0], np.cumsum([p["rows"] for p in index["parts"]], dtype=np.int64)])
         self._keyindex: KeyIndex | None = None
+        self.max_open_parts = _open_parts_limit()
         self._open: OrderedDict[int, PartFile] = OrderedDict()  # part number -> mapped part, LRU order
         self._verified: set[int] = set()
         self._layouts: dict[int, tuple] = {}  # part number -> its parsed header (tensors only, no keys)
@@ -118,36 +131,40 @@ class EmbeddingCache:
         part = np.searchsorted(self._starts, rows, side="right") - 1
         return part, rows - self._starts[part]
 
-    def _gather(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, torch.dtype]:
-        """Rows [B] of tensor `name`, grouped per part: numpy [B, ...] and the torch dtype to view it as."""
+    def _gather(self, names: list[str], rows: np.ndarray) -> list[tuple[np.ndarray, torch.dtype]]:
+        """Rows [B] of each tensor in `names`, one pass over the parts they fall in: numpy [B, ...] and the
+        torch dtype to view it as, per name."""
+        if not len(rows):
+            raise ValueError("no rows to gather")
         part, local = self._locate(rows)
-        out, dtype = None, None
-        for i in np.unique(part):
-            sel = np.flatnonzero(part == i)
-            src, dtype = self._part(int(i)).tensors[name]
-            if out is None:
-                out = np.empty((len(rows), *src.shape[1:]), src.dtype)
-            out[sel] = src[local[sel]]  # fancy indexing on the map: reads only these rows
-        return out, dtype
+        order = np.argsort(part, kind="stable")  # rows grouped per part
+        outs: list = [None] * len(names)
+        for sel in np.split(order, np.flatnonzero(np.diff(part[order])) + 1):
+            tensors = self._part(int(part[sel[0]])).tensors
+            for j, name in enumerate(names):
+                src, dtype = tensors[name]
+                if outs[j] is None:
+                    outs[j] = (np.empty((len(rows), *src.shape[1:]), src.dtype), dtype)
+                outs[j][0][sel] = src[local[sel]]  # fancy indexing on the map: reads only these rows
+        return outs
 
     # -- lookups ----------------------------------------------------------------------------------------
-    def _present_rows(self, keys: Sequence[str], field_name: str) -> tuple[np.ndarray, np.ndarray]:
-        """(global rows [B], -1 where absent; present mask [B] bool)."""
-        rows = self._keys().rows(keys)  # [B]
+    def _present_rows(self, keys: Sequence[str], field_name: str) -> np.ndarray:
+        """Present mask [B] bool."""
+        rows = self._keys().rows(keys)  # [B], -1 where absent
         present = rows >= 0
         if field_name in self.fields and present.any():
-            flags, _ = self._gather(f"{field_name}.present", rows[present])
-            present[present] = flags.astype(bool)
+            present[present] = self._gather([f"{field_name}.present"], rows[present])[0][0].astype(bool)
         else:
             present[:] = False
-        return rows, present
+        return present
 
     def present(self, keys: Sequence[str], field_name: str) -> torch.Tensor:
         """BoolTensor [B]: whether the cache holds a `field_name` vector for each key."""
-        return torch.from_numpy(self._present_rows(keys, field_name)[1])
+        return torch.from_numpy(self._present_rows(keys, field_name))
 
     def has(self, key: str, field_name: str) -> bool:
-        return bool(self._present_rows([key], field_name)[1][0])
+        return bool(self._present_rows([key], field_name)[0])
 
     def lookup(self, keys: Sequence[str], field_name: str) -> torch.Tensor:
         """[B, D] in the storage dtype. Raises MissingEmbedding naming the first key it lacks."""
@@ -155,11 +172,15 @@ class EmbeddingCache:
             raise MissingEmbedding(f"cache {self.folder} has no field '{field_name}' (it has {self.fields})")
         if not len(keys):
             return torch.empty(0, self.dim, dtype=getattr(torch, self.index["dtype"]))
-        rows, present = self._present_rows(keys, field_name)
+        rows = self._keys().rows(keys)  # [B]
+        present = rows >= 0
+        if present.all():  # vectors and masks in one pass over the parts
+            (flags, _), vectors = self._gather([f"{field_name}.present", field_name], rows)
+            present = flags.astype(bool)
         if not present.all():
             key = keys[int(np.flatnonzero(~present)[0])]
             raise MissingEmbedding(f"cache {self.folder} has no '{field_name}' embedding for sample key '{key}'")
-        return to_torch(*self._gather(field_name, rows))  # [B, D]
+        return to_torch(*vectors)  # [B, D]
 
     def spread_rows(self, field_name: str, n: int) -> torch.Tensor:
         """[n', D], n' <= n: the present `field_name` vectors among n evenly spaced global rows (a sample of
@@ -171,11 +192,10 @@ class EmbeddingCache:
             np.zeros(0, np.int64)
         if not len(rows):
             return torch.empty(0, self.dim, dtype=getattr(torch, self.index["dtype"]))
-        flags, _ = self._gather(f"{field_name}.present", rows)
-        rows = rows[flags.astype(bool)]
+        rows = rows[self._gather([f"{field_name}.present"], rows)[0][0].astype(bool)]
         if not len(rows):
             return torch.empty(0, self.dim, dtype=getattr(torch, self.index["dtype"]))
-        return to_torch(*self._gather(field_name, rows))
+        return to_torch(*self._gather([field_name], rows)[0])
 
     def verify_all(self) -> dict:
         """Check every part's sha256 and header, and the key index; raises DataError naming the first bad file."""
