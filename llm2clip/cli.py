@@ -3,7 +3,7 @@
     llm2clip data synth   --out DIR --num-images N --seed S   generate the shapes world
     llm2clip data inspect [PATH] [--strict]                   read a dataset, report what was skipped
     llm2clip stage1 pretrain-lm | mntp | cc | eval-cra | merge | all   LLM -> caption embedder
-    llm2clip cache build                                      embed every caption once
+    llm2clip cache build | verify                             embed every caption once / check the cache
     llm2clip stage2 pretrain-clip | finetune-clip | train | eval | all
     llm2clip run [--force]                                    the main job, end to end
     llm2clip export                                           vision tower + whole model

@@ -40,7 +40,7 @@ def test_cache_serves_the_embedders_vectors_by_key(world, emb_cfg, tmp_path):
 def test_bf16_storage_halves_the_bytes(world, emb_cfg, tmp_path):
     build_cache(_cfg(world, tmp_path / "c"), emb_cfg, progress=False)
     cache = EmbeddingCache.open(tmp_path / "c")
-    assert cache.lookup(cache.keys[:3], "short_caption").dtype == torch.bfloat16
+    assert cache.lookup(list(cache.iter_keys())[:3], "short_caption").dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("change", [{"pooling": "eos"}, {"instruction": "Embed this"}, {"max_length": 64}])
@@ -64,6 +64,8 @@ def test_a_killed_build_resumes_without_missing_or_duplicated_keys(world, emb_cf
     cfg = _cfg(world, tmp_path / "c")
     build_cache(cfg, emb_cfg, progress=False)
     full = EmbeddingCache.open(tmp_path / "c")
+    keys = list(full.iter_keys())
+    vectors = full.lookup(keys, "long_caption")  # read now: the resumed build rewrites later parts
     # a kill after the first two parts: later parts and the index never got written
     parts = sorted((tmp_path / "c/parts").glob("*.safetensors"))
     for p in parts[2:]:
@@ -74,30 +76,62 @@ def test_a_killed_build_resumes_without_missing_or_duplicated_keys(world, emb_cf
     assert summary["embedded_now"] == len(full) - 2 * 16
     resumed = EmbeddingCache.open(tmp_path / "c")
     index = json.loads((tmp_path / "c/index.json").read_text())
-    assert sorted(resumed.keys) == sorted(full.keys) and sum(p["rows"] for p in index["parts"]) == len(full)
-    torch.testing.assert_close(resumed.lookup(full.keys, "long_caption"), full.lookup(full.keys, "long_caption"))
+    assert sorted(resumed.iter_keys()) == sorted(keys) and sum(p["rows"] for p in index["parts"]) == len(full)
+    torch.testing.assert_close(resumed.lookup(keys, "long_caption"), vectors)
 
 
-def test_a_corrupted_or_truncated_part_is_named(world, emb_cfg, tmp_path):
+@pytest.mark.parametrize("change", ["rename", "drop"])
+def test_a_resumed_build_over_changed_data_is_refused(world, emb_cfg, tmp_path, change):
+    """Resuming skips the samples the parts cover by count; a renamed or dropped sample is caught."""
+    lines = (world / "train.jsonl").read_text().splitlines()
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    cfg = replace(_cfg(world, tmp_path / "c"), data=[str(data)])
+    build_cache(cfg, emb_cfg, progress=False)
+    (tmp_path / "c/index.json").unlink()
+    row = json.loads(lines[5])
+    if change == "rename":  # inside the first part
+        lines[5] = json.dumps({**row, "key": row["key"] + "-renamed"})
+        match = rf"r000-000000.safetensors holds key '{row['key']}' at sample 5 of this rank, but .*-renamed'"
+    else:  # the data now ends inside the last part
+        lines = lines[:-3]
+        match = r"r000-00000\d.safetensors holds key .* but cache.data now has the end of the data there"
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=match + r".*llm2clip cache build --force"):
+        build_cache(cfg, emb_cfg, progress=False)
+
+
+def test_a_corrupted_or_truncated_part_is_named_when_first_read(world, emb_cfg, tmp_path):
+    """Opening reads no vector: a bad part is found by the first lookup that reads it, and by verify_all."""
+    from llm2clip.cache.parts import part_meta
+
     build_cache(_cfg(world, tmp_path / "c"), emb_cfg, progress=False)
-    part = sorted((tmp_path / "c/parts").glob("*.safetensors"))[1]
+    parts = sorted((tmp_path / "c/parts").glob("*.safetensors"))
+    part, good = parts[1], part_meta(parts[0])["keys"][:4]
+    bad = part_meta(part)["keys"][:2]
     data = bytearray(part.read_bytes())
-    data[-10] ^= 0xFF
+    data[-10] ^= 0xFF  # same size, one flipped byte
     part.write_bytes(bytes(data))
+    cache = EmbeddingCache.open(tmp_path / "c")
+    assert cache.lookup(good, "short_caption").shape == (4, 64)
     with pytest.raises(DataError, match=part.name):
-        EmbeddingCache.open(tmp_path / "c")
+        cache.lookup(bad, "short_caption")
+    with pytest.raises(DataError, match=part.name):
+        EmbeddingCache.open(tmp_path / "c").verify_all()
     part.write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(DataError, match="truncated"):
-        EmbeddingCache.open(tmp_path / "c")
+    for verify in (True, False):  # the size check needs no digest
+        with pytest.raises(DataError, match="truncated"):
+            EmbeddingCache.open(tmp_path / "c", verify=verify).lookup(bad, "short_caption")
 
 
 def test_a_missing_key_or_field_is_named(world, emb_cfg, tmp_path):
     build_cache(_cfg(world, tmp_path / "c"), emb_cfg, progress=False)
     cache = EmbeddingCache.open(tmp_path / "c")
+    first = next(cache.iter_keys())
     with pytest.raises(MissingEmbedding, match="'no-such-key'"):
-        cache.lookup([cache.keys[0], "no-such-key"], "short_caption")
+        cache.lookup([first, "no-such-key"], "short_caption")
     with pytest.raises(MissingEmbedding, match="no field 'long_caption_2'"):
-        cache.lookup(cache.keys[:1], "long_caption_2")
+        cache.lookup([first], "long_caption_2")
 
 
 def test_duplicate_keys_across_files_are_refused(world, emb_cfg, tmp_path):
@@ -127,9 +161,10 @@ def test_two_ranks_split_the_work_and_cover_every_key_once(world, emb_cfg, tmp_p
     cache = EmbeddingCache.open(tmp_path / "c")
     build_cache(_cfg(world, tmp_path / "one"), emb_cfg, progress=False)
     single = EmbeddingCache.open(tmp_path / "one")
-    assert sorted(cache.keys) == sorted(single.keys) and sum(p["rows"] for p in index["parts"]) == len(single)
-    torch.testing.assert_close(cache.lookup(single.keys, "short_caption").float(),
-                               single.lookup(single.keys, "short_caption").float())
+    keys = list(single.iter_keys())
+    assert sorted(cache.iter_keys()) == sorted(keys) and sum(p["rows"] for p in index["parts"]) == len(single)
+    torch.testing.assert_close(cache.lookup(keys, "short_caption").float(),
+                               single.lookup(keys, "short_caption").float())
 
 
 class _OverflowingEmbedder:
@@ -154,7 +189,7 @@ def test_non_finite_vectors_are_left_out_and_counted_or_named_in_strict_mode(wor
     cache = EmbeddingCache.open(tmp_path / "c")
     assert summary["nonfinite_vectors"] >= len(hit) > 0
     assert not any(cache.has(k, "short_caption") for k in hit)
-    served = [k for k in cache.keys if cache.has(k, "long_caption")]
+    served = [k for k in cache.iter_keys() if cache.has(k, "long_caption")]
     assert torch.isfinite(cache.lookup(served, "long_caption").float()).all()
     strict = DataConfig(strict=True)
     with pytest.raises(DataError, match=r"embedding of key '.+' is not finite"):

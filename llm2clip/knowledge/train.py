@@ -90,7 +90,7 @@ def run_concepts(cfg, force: bool = False) -> dict:
     keys = _train_keys(cfg)
     vectors = []
     for name in fields:
-        present = [k for k in keys if cache.has(k, name)]
+        present = [k for k, hit in zip(keys, cache.present(keys, name).tolist(), strict=True) if hit]
         if present:
             vectors.append(cache.lookup(present, name).float())  # [n, D]
     if not vectors:

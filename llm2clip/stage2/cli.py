@@ -1,6 +1,7 @@
 """`llm2clip cache ...`, `llm2clip stage2 ...`, `llm2clip run` and `llm2clip export`.
 
     cache build      embed every caption of cache.data with the stage-1 embedder  -> cache.out
+    cache verify     check the sha256 of every part of cache.out and its key index
     stage2 pretrain-clip | finetune-clip | train | eval | all
     run              the main job: data, stage 1, cache, stage 2, evaluation, export (reuses what exists)
     export           vision tower (HF CLIP vision folder) and whole model from a trained LLM2CLIP, and the
@@ -37,6 +38,16 @@ def _cache_build(args) -> int:
 
     cfg = _cfg(args)
     _print(build_cache(cfg.cache, embedder_config(cfg), cfg.data, force=args.force, progress=not args.no_progress))
+    return 0
+
+
+def _cache_verify(args) -> int:
+    from ..cache import EmbeddingCache
+
+    cfg = _cfg(args)
+    summary = EmbeddingCache.open(cfg.cache.out, verify=True).verify_all()  # DataError: a non-zero exit
+    print(f"cache {cfg.cache.out}: ok ({summary['parts']} parts, {summary['keys']} keys, "
+          f"{summary['bytes'] / 2**20:.1f} MiB checked)")
     return 0
 
 
@@ -129,6 +140,7 @@ def add_parsers(groups, add_config_args) -> None:
     build = common(cache.add_parser("build", help="embed every caption once (resumable, rank-sharded)"),
                    _cache_build)
     build.add_argument("--force", action="store_true", help="rebuild even if a complete cache exists")
+    common(cache.add_parser("verify", help="check every part and the key index against index.json"), _cache_verify)
 
     stage2 = groups.add_parser("stage2", help="CLIP training against the frozen LLM, and the CLIP baseline",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

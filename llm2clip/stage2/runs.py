@@ -296,7 +296,7 @@ def run_llm2clip(cfg, data, progress: bool = True) -> dict:
 
     emb_cfg = embedder_config(cfg)
     expected = fingerprint(emb_cfg, cfg.cache.dtype)
-    data, cache = as_batches(data), None
+    data = as_batches(data)
     if cfg.stage2.online:
         embedder = CaptionEmbedder.load(emb_cfg)
         text_side, llm_dim = LiveVectors(embedder), embedder.dim
@@ -308,7 +308,7 @@ def run_llm2clip(cfg, data, progress: bool = True) -> dict:
     ref = {"config": emb_cfg.saved_fields(), "fingerprint": expected}
     model = build_llm2clip(cfg, llm_dim, ref)
     if cfg.stage2.model.center_vectors:
-        model.text_adapter.set_center(_center_sample(cfg, data, text_side, cache))
+        model.text_adapter.set_center(_center_sample(cfg, data, text_side))
     model.vision = prepare_vision(model.vision, cfg.vision)
     summary = _train(cfg, model, text_side, data, cfg.stage2.llm2clip, "llm2clip", cfg.stage2.model.loss, progress)
     summary["skipped_samples"] = dict(data.stats.counts) if data.stats else {}
@@ -318,10 +318,10 @@ def run_llm2clip(cfg, data, progress: bool = True) -> dict:
     return summary
 
 
-def _center_sample(cfg, data, text_side, cache, n: int = 2048) -> torch.Tensor:
+def _center_sample(cfg, data, text_side, n: int = 2048) -> torch.Tensor:
     """LLM vectors of up to `n` training captions (short and long alike) [n, D], to centre the adapter:
-    in memory, spread over the split; streamed, spread over the cache (no pass over the data), or the
-    first captions of the stream when embedding online."""
+    in memory, spread over the split; streamed, the first captions of one pass over the training data
+    (not spread over the cache, which also holds the evaluation captions)."""
     from .data import Caption
 
     fields = [cfg.data.short_caption_key, *cfg.data.long_caption_keys]
@@ -330,8 +330,6 @@ def _center_sample(cfg, data, text_side, cache, n: int = 2048) -> torch.Tensor:
         pairs = [(k, Caption(f, caps[f])) for k, caps in zip(images.keys, images.captions, strict=True)
                  for f in fields if f in caps]
         pairs = pairs[::max(1, len(pairs) // n)][:n]
-    elif cache is not None:
-        return torch.cat([cache.spread_rows(f, n // len(fields)).float() for f in fields if f in cache.fields])
     else:
         pairs = []
         split = eval_split(cfg, cfg.stage2.train_data)
@@ -340,7 +338,8 @@ def _center_sample(cfg, data, text_side, cache, n: int = 2048) -> torch.Tensor:
                       for f in fields if f in caps]
             if len(pairs) >= n:
                 break
-        pairs = pairs[:n]
+        cache = getattr(text_side, "cache", None)  # cached vectors: only the captions the cache holds
+        pairs = [(k, c) for k, c in pairs if cache is None or cache.has(k, c.field)][:n]
     return torch.cat([text_side([k for k, _ in pairs[i:i + 256]], [c for _, c in pairs[i:i + 256]])
                       for i in range(0, len(pairs), 256)])
 
