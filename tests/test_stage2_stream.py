@@ -141,6 +141,6 @@ def test_main_job_streamed_end_to_end(world, tmp_path):
     assert set(results["retrieval"]) == {"clip_pretrained", "clip_finetuned", "llm2clip"}
     test_images = len((world / "test.jsonl").read_text().splitlines())
     assert results["eval_images"] == test_images
-    summary = json.loads((tmp_path / "stage2/llm2clip/summary.json").read_text())
+    summary = json.loads((tmp_path / "run_summary.json").read_text())["llm2clip"]
     assert summary["steps"] == 3 and summary["skipped_samples"] == {}
     assert (tmp_path / "plots/top5_long_captions.png").is_file()
