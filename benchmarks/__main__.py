@@ -195,6 +195,30 @@ def memory_rows(tmp: Path, texts: list[str], quick: bool, size: str, out: dict) 
     out["detail"]["memory_llava"] = entry
 
 
+def data_rows(tmp: Path, quick: bool, skip_peer: bool, out: dict) -> None:
+    """Issue #19's rows (benchmarks/bench_data.py): each figure, or null with the reason."""
+    import bench_data
+
+    rows_ = {"cache": (("cache_lookups_per_s", "cache_first_step_s", "cache_index_bytes_per_key"),
+                       lambda: bench_data.cache_rows(tmp, n=100_000 if quick else 1_000_000)),
+             "loader": (("loader_vs_open_clip",),
+                        lambda: bench_data.loader_vs_open_clip(tmp, None if skip_peer else ensure("open_clip"))),
+             "memory_vs_dataset_size": (("data_rss_ratio",), lambda: bench_data.rss_ratio(
+                 tmp, sizes=(1_000, 20_000) if quick else (10_000, 200_000), steps=10 if quick else 60))}
+    for name, (keys, measure) in rows_.items():
+        try:
+            row = measure()
+        except Exception as e:  # one row failing leaves the others' figures
+            for key in keys:
+                out[key] = None
+                out["notes"][key] = f"{type(e).__name__}: {str(e)[:300]}"
+            continue
+        out["detail"][name] = row.pop("detail")
+        out.update(row)
+        if row.get("loader_vs_open_clip", 0) is None:
+            out["notes"]["loader_vs_open_clip"] = "peer skipped (--no-peers)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small models, 64 texts: a smoke run of every row")
@@ -275,6 +299,8 @@ def main() -> None:
             print(f"[bench] memory done at {time.perf_counter() - started:.0f} s", flush=True)
         if "data" in wanted:
             result["detail"]["data_pipeline"] = rows.data_pipeline()
+            data_rows(tmp, args.quick, args.no_peers, result)
+            print(f"[bench] data done at {time.perf_counter() - started:.0f} s", flush=True)
     del result["texts_file"]
     for key in ("encode_vs_llm2vec", "vision_step_vs_open_clip"):
         if key in result and result[key] is None:  # --quick compares no open_clip step: its ViT is smaller

@@ -21,7 +21,9 @@ PEER_DIR = ROOT / "runs/bench/peers"
 # this machine's disk for Python 3.11; peft is pinned to a release that still supports transformers 4.44.
 PEERS: dict[str, list[str]] = {
     "llm2vec": ["torch==2.13.0", "transformers==4.44.2", "peft==0.12.0", "llm2vec==0.2.3"],
-    "open_clip": ["torch==2.14.1", "torchvision==0.29.1", "open_clip_torch==3.3.0"],
+    # open_clip_train.data (the data row's webdataset pipeline) needs its [training] extra's webdataset<=0.2.86
+    "open_clip": ["torch==2.14.1", "torchvision==0.29.1", "open_clip_torch==3.3.0", "webdataset==0.2.86",
+                  "braceexpand==0.1.7", "pandas==3.1.1"],
 }
 
 

@@ -93,10 +93,11 @@ class PartFile:
         # one map over the whole data section (one file descriptor); each tensor is a view into it
         self._data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(end,)) if end else None
         self.tensors: dict[str, tuple[np.ndarray, torch.dtype]] = {}
+        # plain ndarray views of the map: np.memmap's subclass hooks cost more than the row copies they wrap
+        data = self._data.view(np.ndarray) if self._data is not None else None
         for name, (dtype, shape, lo, hi) in tensors.items():
             np_dtype, torch_dtype = NP_DTYPES[dtype]
-            view = self._data[lo:hi].view(np_dtype).reshape(shape) if self._data is not None else \
-                np.zeros(shape, np_dtype)
+            view = data[lo:hi].view(np_dtype).reshape(shape) if data is not None else np.zeros(shape, np_dtype)
             self.tensors[name] = (view, torch_dtype)
 
     def rows(self, name: str) -> np.ndarray:
