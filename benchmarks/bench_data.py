@@ -175,7 +175,8 @@ def rss_ratio(tmp: Path, sizes=(10_000, 200_000), steps: int = 60, batch: int = 
 
 # -- data pipeline vs open_clip ------------------------------------------------------------------------------
 def our_loader_rate(shards: str, cache_dir: str, batch: int, batches: int, image_size: int = 224) -> dict:
-    """Images/s of one DataLoader worker: shard reading, decode, CLIPImageProcessor, cache lookup."""
+    """Images/s of one DataLoader worker: shard reading, decode, CLIPImageProcessor (resize and crop in the
+    worker, rescale and normalise on the batch in the consumer), cache lookup."""
     from llm2clip.cache import EmbeddingCache
     from llm2clip.data.images import make_image_processor
     from llm2clip.data.readers import DataConfig
@@ -191,6 +192,7 @@ def our_loader_rate(shards: str, cache_dir: str, batch: int, batches: int, image
     start = time.perf_counter()
     for _ in range(batches):
         batch_dict = next(it)
+        dataset.normalizer(batch_dict["pixels"])  # uint8 -> normalised float, as open_clip's batches arrive
         cache.lookup(batch_dict["keys"], "short_caption")  # the vectors the step reads
     times = time.perf_counter() - start
     return {"images_per_s": round(batch * batches / times, 1), "batches": batches, "batch": batch}

@@ -97,7 +97,8 @@ def test_eval_batches_match_imageset_in_reading_order(world):
     assert [len(b["keys"]) for b in batches] == [20, 20, 8]  # the last partial batch comes too
     assert [k for b in batches for k in b["keys"]] == full.keys
     assert [c for b in batches for c in b["captions"]] == full.captions
-    assert torch.equal(torch.cat([b["pixels"] for b in batches]), full.pixels)
+    # workers send uint8 (resize + crop); rescale and normalise run on the batch: equal within float rounding
+    torch.testing.assert_close(torch.cat([b["pixels"] for b in batches]), full.pixels, atol=1e-6, rtol=0)
 
 
 # -- shuffling -----------------------------------------------------------------------------------------
@@ -250,3 +251,18 @@ def test_bad_loader_config_names_the_key(field, value):
     StreamConfig().validate()
     with pytest.raises(ConfigError, match=rf"stage2\.loader\.{field}"):
         StreamConfig(**{field: value}).validate()
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_deferred_normalisation_equals_the_image_processor(family):
+    """Workers run the processor without its rescale/normalise steps; PixelNormalizer finishes the batch."""
+    import numpy as np
+
+    from llm2clip.data.stream import PixelNormalizer
+
+    processor = make_image_processor(48, family=family)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (61, 83, 3), dtype=np.uint8))
+    full = processor(images=image, return_tensors="pt")["pixel_values"]  # [1, 3, 48, 48]
+    raw = processor(images=image, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
+    assert raw.dtype == torch.uint8
+    torch.testing.assert_close(PixelNormalizer.of(processor)(raw), full, atol=1e-6, rtol=0)

@@ -13,7 +13,7 @@ The training loop calls `iterate(...)` once and reads one `StepBatch` per step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +25,15 @@ from .data import Caption, CaptionSampler, ImageSet, batch_indices
 
 @dataclass
 class StepBatch:
-    pixels: torch.Tensor  # [b, 3, H, W], this rank's share of the step's batch
+    pixels: torch.Tensor  # [b, 3, H, W], this rank's share of the step's batch (uint8 if `normalize` is set)
     keys: list[str]
     captions: list[Caption]  # the caption each sample trains with this step
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None  # applied on the training device
+
+    def pixels_on(self, device: torch.device) -> torch.Tensor:
+        """float [b, 3, H, W] on `device`: a streamed uint8 batch crosses to it first, then is normalised."""
+        pixels = self.pixels.to(device, non_blocking=True)
+        return self.normalize(pixels) if self.normalize is not None else pixels
 
 
 class MemoryBatches:
@@ -90,7 +96,7 @@ class StreamBatches:
             self.stats.read += len(batch["keys"])
             # captions per sample: a function of (seed, step, rank), as each rank holds other samples
             chosen = sampler.choose(batch["captions"], step, salt=rank)
-            yield StepBatch(batch["pixels"], batch["keys"], chosen)
+            yield StepBatch(batch["pixels"], batch["keys"], chosen, dataset.normalizer)
             step += 1
 
     def position(self) -> dict[str, Any]:

@@ -215,7 +215,7 @@ def train_contrastive(model: torch.nn.Module, text_side, data, sampler: CaptionS
                initial=start, total=cfg.steps)
     for step in bar:
         batch = next(batches)
-        pixels, text_in = batch.pixels.to(device), _to(text_side(batch.keys, batch.captions), device)
+        pixels, text_in = batch.pixels_on(device), _to(text_side(batch.keys, batch.captions), device)
         with autocast(device, cfg.precision):
             if cfg.deepspeed:
                 step_loss, parts = _objective(loss_fn, weights, engine(pixels, text_in))
