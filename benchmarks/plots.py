@@ -16,6 +16,12 @@ GOALS = {
     "qlora_memory_ratio_cc": ("QLoRA/LoRA step memory, CC", "<= 0.45x", lambda v: v <= 0.45),
     "qlora_memory_ratio_llava": ("QLoRA/LoRA step memory, LLaVA", "<= 0.45x", lambda v: v <= 0.45),
     "gemm_bf16_gflops": ("bf16 GEMM GFLOP/s (MFU reference where native)", "", None),
+    # issue #19: stage 2 at real scale
+    "data_rss_ratio": ("peak RSS, 200k over 10k samples (streamed)", "<= 1.10", lambda v: v <= 1.10),
+    "loader_vs_open_clip": ("data loader images/s vs open_clip's wds", ">= 1.0x", lambda v: v >= 1.0),
+    "cache_lookups_per_s": ("cache lookups/s, 1M keys, batches of 256", ">= 100k", lambda v: v >= 100_000),
+    "cache_first_step_s": ("cache open to first batch, s", "<= 10", lambda v: v <= 10),
+    "cache_index_bytes_per_key": ("cache key index bytes per key", "", None),
 }
 
 

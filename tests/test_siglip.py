@@ -77,7 +77,7 @@ def test_stage2_trains_a_siglip_tower_with_the_sigmoid_loss(siglip_folder, tmp_p
                              "stage2.model.embed_dim=16", "stage2.model.adapter_depth=1"])
     assert type(processor_for(cfg)).__name__.startswith("SiglipImageProcessor")
     with pytest.raises(ConfigError, match=r"stage2\.clip_finetune\.enabled=false"):
-        run_clip_finetune(cfg, images=None)
+        run_clip_finetune(cfg, data=None)
     model = build_llm2clip(cfg, LLM_DIM, None)
     assert isinstance(model.vision, SiglipVisionModel) and model.logit_bias is not None
     pixels = _pixels()

@@ -72,6 +72,9 @@ def build_cache(cfg: CacheConfig, emb_cfg: EmbedderConfig, data_cfg: DataConfig 
                 force: bool = False, progress: bool = True, embedder: CaptionEmbedder | None = None) -> dict:
     """Embed every caption field of every sample in cfg.data into cfg.out; resumable, rank-sharded."""
     cfg.validate()
+    base = data_cfg or DataConfig()
+    for path in cfg.data:  # every file must exist before any work (the embedder load, the first part)
+        CaptionReader(replace(base, path=path, format="auto"), load_images=False, key="cache.data")
     rank, world_size = init_from_env()
     out = Path(cfg.out)
     expected = fingerprint(emb_cfg, cfg.dtype)
@@ -94,7 +97,6 @@ def build_cache(cfg: CacheConfig, emb_cfg: EmbedderConfig, data_cfg: DataConfig 
     _barrier(world_size)
 
     covered = _covered(out / "parts", rank, expected)
-    base = data_cfg or DataConfig()
     emb = embedder or CaptionEmbedder.load(emb_cfg)
     writer = CacheWriter(out, expected, cfg.dtype, emb.dim, cfg.fields, rank)
     counts = {"skipped": 0, "nonfinite": 0, "embedded": 0}

@@ -38,8 +38,12 @@ class CachedOrLive:
         self.cached, self.embedder_fn, self._live = CachedVectors(cache), embedder_fn, None
 
     def __call__(self, keys, captions) -> torch.Tensor:
-        cache = self.cached.cache
-        hit = [i for i, (k, c) in enumerate(zip(keys, captions, strict=True)) if cache.has(k, c.field)]
+        cache, hit = self.cached.cache, []
+        for name in {c.field for c in captions}:  # one batched presence check per field
+            rows = [i for i, c in enumerate(captions) if c.field == name]
+            present = cache.present([keys[i] for i in rows], name).tolist()
+            hit += [i for i, ok in zip(rows, present, strict=True) if ok]
+        hit.sort()
         out = torch.empty(len(keys), cache.dim)
         if hit:
             out[hit] = self.cached([keys[i] for i in hit], [captions[i] for i in hit])
