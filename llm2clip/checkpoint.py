@@ -15,7 +15,6 @@ truncated file) is reported and the previous one is used. Nothing is unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,16 +23,10 @@ from pathlib import Path
 
 import torch
 
+from .files import sha256_file
+
 log = logging.getLogger(__name__)
 _FILES = ("model.safetensors", "optimizer.safetensors", "state.json", "rng.safetensors")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -81,7 +74,7 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
     _write(tmp / "optimizer.safetensors", save(opt_tensors))
     _write(tmp / "state.json", json.dumps(state).encode())
     _write(tmp / "rng.safetensors", save({"torch_cpu": torch.get_rng_state()}))
-    manifest = {name: _sha256(tmp / name) for name in _FILES}
+    manifest = {name: sha256_file(tmp / name) for name in _FILES}
     _write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -102,7 +95,7 @@ def verify(ckpt: Path) -> str | None:
     for name in _FILES:
         if not (ckpt / name).is_file():
             return f"{name} is missing"
-        if _sha256(ckpt / name) != manifest.get(name):
+        if sha256_file(ckpt / name) != manifest.get(name):
             return f"{name} does not match its sha256 (truncated or corrupted)"
     return None
 

@@ -1,8 +1,9 @@
-"""File helpers every stage shares: folders that appear only when complete."""
+"""File helpers every stage shares: folders that appear only when complete, file digests."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -25,3 +26,12 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+
+
+def sha256_file(path: Path) -> str:
+    """Full sha256 of a file, read in 1 MiB blocks (checkpoints, cache parts and key-index files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

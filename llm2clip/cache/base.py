@@ -101,15 +101,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def sha256_file(path: Path) -> str:
-    """Full sha256 of a file, read in 1 MiB blocks (parts and key-index files are checked whole)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def corrupt_part(path: Path, why: str) -> DataError:
     return DataError(f"cache part {path} is corrupt or truncated ({why}). Fix: delete it and the cache's {INDEX}, "
                      "then rerun `llm2clip cache build` to re-embed its samples")

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .base import INDEX, MissingEmbedding, check_fingerprint, corrupt_part, sha256_file
+from ..files import sha256_file
+from .base import INDEX, MissingEmbedding, check_fingerprint, corrupt_part
 from .keyindex import KeyIndex
 from .parts import PartFile, part_layout, part_meta, to_torch
 
@@ -138,15 +139,19 @@ class EmbeddingCache:
             raise ValueError("no rows to gather")
         part, local = self._locate(rows)
         order = np.argsort(part, kind="stable")  # rows grouped per part
-        outs: list = [None] * len(names)
-        for sel in np.split(order, np.flatnonzero(np.diff(part[order])) + 1):
-            tensors = self._part(int(part[sel[0]])).tensors
+        part, local = part[order], local[order]
+        bounds = np.flatnonzero(np.diff(part)) + 1
+        outs: list = [None] * len(names)  # filled in part order, each part's rows one contiguous slice
+        for lo, hi in zip(np.concatenate(([0], bounds)), np.concatenate((bounds, [len(rows)])), strict=True):
+            tensors = self._part(int(part[lo])).tensors
             for j, name in enumerate(names):
                 src, dtype = tensors[name]
                 if outs[j] is None:
                     outs[j] = (np.empty((len(rows), *src.shape[1:]), src.dtype), dtype)
-                outs[j][0][sel] = src[local[sel]]  # fancy indexing on the map: reads only these rows
-        return outs
+                np.take(src, local[lo:hi], axis=0, out=outs[j][0][lo:hi])  # reads only these rows of the map
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return [(out[inverse], dtype) for out, dtype in outs]
 
     # -- lookups ----------------------------------------------------------------------------------------
     def _present_rows(self, keys: Sequence[str], field_name: str) -> np.ndarray:
