@@ -64,9 +64,6 @@ class StreamConfig:
             raise ConfigError(f"{key}.pin_memory: {self.pin_memory!r} must be true, false or null "
                               "(null: when CUDA is available)")
 
-    def loader(self, dataset: StreamDataset) -> DataLoader:
-        return make_loader(dataset, self.workers, self.prefetch_factor, self.pin_memory)
-
 
 def make_loader(dataset: StreamDataset, workers: int, prefetch_factor: int = 2,
                 pin_memory: bool | None = False) -> DataLoader:
