@@ -91,9 +91,7 @@ class StreamBatches:
         step = start
         for batch in make_loader(dataset, self.loader.workers, self.loader.prefetch_factor, self.loader.pin_memory):
             self._position.update(batch)
-            for reason, n in batch["skipped"].items():
-                self.stats.counts[reason] += n
-            self.stats.read += len(batch["keys"])
+            _count(self.stats, batch)
             # captions per sample: a function of (seed, step, rank), as each rank holds other samples
             chosen = sampler.choose(batch["captions"], step, salt=rank)
             yield StepBatch(batch["pixels"], batch["keys"], chosen, dataset.normalizer)
@@ -118,6 +116,12 @@ class CachedOnly:
         return kept if any(f in kept for f in self.fields) else None
 
 
+def _count(stats: SkipCounter, batch: dict[str, Any]) -> None:
+    """Add a streamed batch's samples and its workers' skip counts (since their previous batch)."""
+    stats.counts.update(batch["skipped"])
+    stats.read += len(batch["keys"])
+
+
 def as_batches(data) -> MemoryBatches | StreamBatches:
     """An ImageSet is served from memory; a batch source passes through."""
     return MemoryBatches(data) if isinstance(data, ImageSet) else data
@@ -135,14 +139,12 @@ class StreamSplit:
     def batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
         from ..data.stream import iter_eval_batches
 
-        stats, count = SkipCounter(), 0
+        stats = SkipCounter()
         for batch in iter_eval_batches(self.data_cfg, self.path, self.processor, self.extra_fields, batch_size,
                                        self.workers, key=self.key):
-            for reason, n in batch["skipped"].items():
-                stats.counts[reason] += n
-            count += len(batch["keys"])
+            _count(stats, batch)
             yield batch
-        stats.read, self.stats, self._count = count, stats, count
+        self.stats, self._count = stats, stats.read
 
     def pixels_at(self, indices: list[int]) -> torch.Tensor:
         """[n, 3, H, W] of the samples at these positions of a pass (one more pass; the order is fixed)."""
