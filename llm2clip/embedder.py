@@ -244,14 +244,20 @@ class CaptionEmbedder(nn.Module):
             self._instruction_ids[instruction] = bos + self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._instruction_ids[instruction]
 
-    def tokenize_texts(self, texts: Sequence[str], instruction: str | None = None) -> list[tuple[list[int], int]]:
-        """Per text: (ids, n_text_tokens). The instruction is kept whole; the text is truncated to fit."""
-        prefix = self._prefix_ids(instruction)
-        budget = self.cfg.max_length - len(prefix)
-        if budget < 1:
-            raise ConfigError(f"the instruction alone takes {len(prefix)} tokens >= embedder.max_length")
+    def tokenize_texts(self, texts: Sequence[str], instruction: str | Sequence[str] | None = None
+                       ) -> list[tuple[list[int], int]]:
+        """Per text: (ids, n_text_tokens). The instruction (one for all, or one per text) is kept whole;
+        the text is truncated to fit."""
+        per_text = [instruction] * len(texts) if instruction is None or isinstance(instruction, str) else instruction
+        if len(per_text) != len(texts):
+            raise ValueError(f"{len(per_text)} instructions for {len(texts)} texts")
         out = []
-        for ids in self.tokenizer([t.strip() for t in texts], add_special_tokens=False)["input_ids"]:
+        for ids, inst in zip(self.tokenizer([t.strip() for t in texts], add_special_tokens=False)["input_ids"],
+                             per_text, strict=True):
+            prefix = self._prefix_ids(inst)
+            budget = self.cfg.max_length - len(prefix)
+            if budget < 1:
+                raise ConfigError(f"the instruction alone takes {len(prefix)} tokens >= embedder.max_length")
             if len(ids) > budget:
                 self.stats["truncated"] += 1
                 ids = ids[:budget]
@@ -277,7 +283,7 @@ class CaptionEmbedder(nn.Module):
                 pool_mask[row] = attention[row]
         return {"input_ids": input_ids, "attention_mask": attention, "pool_mask": pool_mask}
 
-    def batch(self, texts: Sequence[str], instruction: str | None = None) -> dict[str, torch.Tensor]:
+    def batch(self, texts: Sequence[str], instruction: str | Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         return self.collate(self.tokenize_texts(texts, instruction))
 
     # -- forward -------------------------------------------------------------------------------------

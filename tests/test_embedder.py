@@ -104,6 +104,18 @@ def test_instruction_is_attended_but_not_pooled(llm_dirs):
     assert not torch.allclose(emb.encode(["a small green cross"], instruction="Retrieve a caption"), other)
 
 
+def test_per_text_instructions_equal_one_instruction_per_batch(llm_dirs):
+    """Mixed-direction CC batches give each query its own instruction in one padded batch."""
+    emb = _embedder(llm_dirs["llama"], autocast=False)
+    texts, insts = ["a red circle", "two blue stars on a white background"], ["Retrieve a caption", "Other"]
+    with torch.no_grad():
+        mixed = emb(**emb.batch(texts, instruction=insts))
+        alone = torch.cat([emb(**emb.batch([t], instruction=i)) for t, i in zip(texts, insts, strict=True)])
+    torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="2 instructions for 1 texts"):
+        emb.batch(texts[:1], instruction=insts)
+
+
 def test_encode_keeps_input_order_and_matches_single_items(llm_dirs):
     emb = _embedder(llm_dirs["mistral"], autocast=False)
     texts = ["short", "a much longer caption about a purple pentagon and a cyan star", "medium sized caption",

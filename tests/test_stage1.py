@@ -105,7 +105,8 @@ def test_pair_batches_are_homogeneous_with_hard_negatives_from_other_images():
 
     groups = [CaptionGroup(f"short {i}", [f"long {i} a", f"long {i} b"]) for i in range(20)]
     text_pairs = [(f"en {i}", f"zh {i}") for i in range(20)]
-    sampler = PairSampler(groups, text_pairs, long_long=True, translation_fraction=0.3, seed=0)
+    sampler = PairSampler(groups, text_pairs, long_long_fraction=0.5, translation_fraction=0.3, seed=0,
+                          mixed_directions=False)
     seen_instructions = set()
     for _ in range(60):
         batch = sampler.batch(8)
@@ -123,9 +124,44 @@ def test_ranks_draw_the_same_task_per_step_but_different_samples():
 
     groups = [CaptionGroup(f"short {i}", [f"long {i} a", f"long {i} b"]) for i in range(50)]
     text_pairs = [(f"en {i}", f"zh {i}") for i in range(50)]
-    ranks = [PairSampler(groups, text_pairs, long_long=True, translation_fraction=0.3, seed=1000 + r, task_seed=1)
-             for r in range(2)]
+    ranks = [PairSampler(groups, text_pairs, long_long_fraction=0.5, translation_fraction=0.3, seed=1000 + r,
+                         task_seed=1) for r in range(2)]
     for _ in range(20):
         a, b = (s.batch(6) for s in ranks)
-        assert a[0].instruction == b[0].instruction  # gathered negatives stay one kind
+        # the same kind and per-row directions on every rank: gathered candidates line up
+        assert [p.instruction for p in a] == [p.instruction for p in b]
         assert [p.query for p in a] != [p.query for p in b]
+
+
+def test_mixed_directions_draw_each_row_with_its_own_instruction():
+    from llm2clip import instructions
+    from llm2clip.stage1.pairs import CaptionGroup, PairSampler
+
+    groups = [CaptionGroup(f"short {i}", [f"long {i} a"]) for i in range(40)]
+    sampler = PairSampler(groups, [], long_long_fraction=0.0, translation_fraction=0.0, seed=0)
+    forward = backward = mixed = 0
+    for _ in range(50):
+        batch = sampler.batch(16)
+        for p in batch:  # the instruction names the direction; positive and negative are one kind
+            if p.query.startswith("short"):
+                assert p.instruction == instructions.SHORT_TO_LONG and p.positive.startswith("long")
+                forward += 1
+            else:
+                assert p.instruction == instructions.LONG_TO_SHORT and p.positive.startswith("short")
+                backward += 1
+            assert p.positive.split()[0] == p.negative.split()[0]
+            assert p.query.split()[1] == p.positive.split()[1] != p.negative.split()[1]
+        mixed += len({p.instruction for p in batch}) == 2
+    assert 0.4 < forward / (forward + backward) < 0.6
+    assert mixed >= 48  # a batch of 16 is one direction only with probability 2^-15
+
+
+def test_long_long_fraction_sets_the_share_of_paraphrase_batches():
+    from llm2clip import instructions
+    from llm2clip.stage1.pairs import CaptionGroup, PairSampler
+
+    groups = [CaptionGroup(f"short {i}", [f"long {i} a", f"long {i} b"]) for i in range(20)]
+    for fraction in (0.0, 0.25):
+        sampler = PairSampler(groups, [], long_long_fraction=fraction, translation_fraction=0.0, seed=0)
+        share = sum(sampler.batch(4)[0].instruction == instructions.LONG_TO_LONG for _ in range(800)) / 800
+        assert abs(share - fraction) < 0.05

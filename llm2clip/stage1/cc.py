@@ -32,7 +32,8 @@ class CCConfig:
     data: str = "${data.path}"  # captions: any format the data readers take
     text_pairs: str | None = "${run.out_dir}/data/parallel.jsonl"  # {source, target} JSONL, or null
     translation_fraction: float = 0.3  # share of batches drawn from text_pairs
-    long_long_pairs: bool = False  # also pair two long paraphrases of one image
+    long_long_fraction: float = 0.0  # share of caption batches pairing two long paraphrases (rest: short<->long)
+    mixed_directions: bool = True  # draw short->long / long->short per row, as LLM2CLIP's E5_cc3m.py
     hard_negatives: bool = True
     scale: float = 50.0  # logit scale of the cosine similarities
     steps: int = 200
@@ -58,6 +59,8 @@ class CCConfig:
     def validate(self) -> None:
         if not 0.0 <= self.translation_fraction < 1.0:
             raise ConfigError("stage1.cc.translation_fraction must be in [0, 1)")
+        if not 0.0 <= self.long_long_fraction <= 1.0:
+            raise ConfigError("stage1.cc.long_long_fraction must be in [0, 1]")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConfigError("stage1.cc.lr_schedule must be 'cosine' or 'constant'")
         if self.batch_size < 2 or self.steps < 1:
@@ -103,8 +106,9 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
     text_pairs = read_text_pairs(cfg.text_pairs) if cfg.text_pairs and cfg.translation_fraction > 0 else []
     # Every rank draws the same global batch (batch_size x processes) and trains on its slice, so N
     # processes at batch b see exactly what one process at batch N x b sees.
-    sampler = PairSampler(groups, text_pairs, long_long=cfg.long_long_pairs,
-                          translation_fraction=cfg.translation_fraction, seed=seed * 1000, task_seed=seed)
+    sampler = PairSampler(groups, text_pairs, long_long_fraction=cfg.long_long_fraction,
+                          translation_fraction=cfg.translation_fraction, seed=seed * 1000, task_seed=seed,
+                          mixed_directions=cfg.mixed_directions)
 
     device = resolve_device(emb_cfg.device)
     if device.type == "cuda" and world_size > 1:
@@ -142,11 +146,7 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
     for step in tqdm(range(start, cfg.steps), desc="stage1 cc", disable=not progress or rank != 0, initial=start,
                      total=cfg.steps):
         pairs = sampler.batch(cfg.batch_size * world_size)[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-        # Queries and documents go through separately: they differ in kind (short vs long, English vs
-        # Chinese), so one padded batch would be mostly padding.
-        queries = model(**embedder.batch([x.query for x in pairs], instruction=pairs[0].instruction))  # [B, D]
-        docs = [x.positive for x in pairs] + ([x.negative for x in pairs] if cfg.hard_negatives else [])
-        positives, *negatives = model(**embedder.batch(docs)).split(cfg.batch_size)  # [B, D] (+ [B, D])
+        queries, positives, *negatives = _embed_pairs(model, embedder, pairs, cfg.hard_negatives)  # [B, D] each
         loss = caption_contrastive_loss(queries, positives, negatives[0] if negatives else None, scale=cfg.scale)
         if cfg.deepspeed:
             engine.backward(loss)
@@ -178,6 +178,23 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
             "steps": cfg.steps, "resumed_from": start, "skipped_nonfinite": skipped,
             "world_size": world_size, "truncated_texts": embedder.stats["truncated"],
             "trainable_parameters": sum(p.numel() for p in embedder.parameters() if p.requires_grad)}
+
+
+def _embed_pairs(model, embedder: CaptionEmbedder, pairs, hard_negatives: bool) -> list[torch.Tensor]:
+    """[queries, positives(, negatives)], each [B, D]. The texts differ in kind (short and long, English
+    and Chinese, and with mixed directions both within one list), so one padded batch would be mostly
+    padding: they are sorted by token length and run as two forwards, shorter and longer half."""
+    texts = [x.query for x in pairs] + [x.positive for x in pairs]
+    texts += [x.negative for x in pairs] if hard_negatives else []
+    insts = [x.instruction for x in pairs] + [None] * (len(texts) - len(pairs))  # documents: the default
+    items = embedder.tokenize_texts(texts, insts)
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    half = len(order) // 2
+    out = [None] * len(items)
+    for idx in (order[:half], order[half:]):
+        for i, row in zip(idx, model(**embedder.collate([items[i] for i in idx])), strict=True):
+            out[i] = row
+    return list(torch.stack(out).split(len(pairs)))
 
 
 def save_cc_adapter(embedder: CaptionEmbedder, emb_cfg: EmbedderConfig, out: str) -> None:

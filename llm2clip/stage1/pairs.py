@@ -1,9 +1,10 @@
 """Training pairs for caption-contrastive fine-tuning, as LLM2CLIP builds them.
 
 A pair is (query, positive, hard negative, query instruction). Captions of one image are positives;
-the hard negative is the same kind of caption from a random other image. Each batch holds one kind
-of pair (llm2vec and LLM2CLIP batch per task), so in-batch negatives are never trivially separable by
-length or language.
+the hard negative is the same kind of caption as the positive, from a random other image. Each batch
+holds one kind of pair (llm2vec and LLM2CLIP batch per task). Within a short<->long batch the official
+CC3M task draws the direction per row (`mixed_directions`), so a batch holds short->long and
+long->short queries, each with its own instruction, and long and short candidates.
 """
 
 from __future__ import annotations
@@ -70,12 +71,16 @@ def read_text_pairs(path: str) -> list[tuple[str, str]]:
 class PairSampler:
     """Draws homogeneous batches of `Pair`s. `kinds` weights which kind each batch is."""
 
-    def __init__(self, groups: list[CaptionGroup], text_pairs: list[tuple[str, str]], *, long_long: bool,
-                 translation_fraction: float, seed: int, task_seed: int | None = None, text_pair_buckets: int = 4):
+    def __init__(self, groups: list[CaptionGroup], text_pairs: list[tuple[str, str]], *, long_long_fraction: float,
+                 translation_fraction: float, seed: int, task_seed: int | None = None, text_pair_buckets: int = 4,
+                 mixed_directions: bool = True):
         """`seed` draws the samples (the same on every rank: each trains on its slice of a global batch);
         `task_seed` draws each batch's kind and direction and must be equal on every rank, because
-        negatives are gathered across ranks."""
+        negatives are gathered across ranks. `long_long_fraction`: share of caption batches pairing two
+        long paraphrases (the rest pair short with long). `mixed_directions`: each row draws its own
+        direction (LLM2CLIP's E5_cc3m.py); else one direction per batch."""
         self.groups = groups
+        self.mixed_directions = mixed_directions
         self.rng = random.Random(seed)
         self.task_rng = random.Random(seed if task_seed is None else task_seed)
         # Text pairs come in length buckets, one bucket per batch: a batch mixing words and paragraphs
@@ -84,10 +89,10 @@ class PairSampler:
         n = max(1, min(text_pair_buckets, len(by_length) // 2))
         self.text_buckets = [by_length[i * len(by_length) // n:(i + 1) * len(by_length) // n] for i in range(n)]
         caption_share = 1.0 - (translation_fraction if text_pairs else 0.0)
-        self.kinds = {"short_long": caption_share * (0.5 if long_long else 1.0),
-                      "long_long": caption_share * 0.5 if long_long else 0.0,
+        self.kinds = {"short_long": caption_share * (1.0 - long_long_fraction),
+                      "long_long": caption_share * long_long_fraction,
                       "translation": 1.0 - caption_share}
-        if long_long and not any(len(g.longs) >= 2 for g in groups):
+        if long_long_fraction > 0 and not any(len(g.longs) >= 2 for g in groups):
             raise ConfigError("long_long pairs need >= 2 long captions per image (data.long_caption_keys)")
 
     def state(self) -> dict:
@@ -103,14 +108,16 @@ class PairSampler:
         return j + (j >= i)
 
     def batch(self, size: int) -> list[Pair]:
-        """One kind and one direction per batch: every query then shares its instruction, and the
-        in-batch candidates are all the same kind as the positive."""
+        """One kind per batch. The direction is drawn per row with `mixed_directions`, else once per
+        batch (every query then shares its instruction and the candidates are all of one kind)."""
         kind = self.task_rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
         forward = self.task_rng.random() < 0.5
+        # per-row directions come from the task stream too: every rank must see the same global batch
+        directions = [self.task_rng.random() < 0.5 if self.mixed_directions else forward for _ in range(size)]
         if kind == "translation":
             bucket = self.task_rng.choice(self.text_buckets)
-            return [self._translation(forward, bucket) for _ in range(size)]
-        return [getattr(self, f"_{kind}")(forward) for _ in range(size)]
+            return [self._translation(d, bucket) for d in directions]
+        return [getattr(self, f"_{kind}")(d) for d in directions]
 
     def _short_long(self, forward: bool) -> Pair:
         i = self.rng.randrange(len(self.groups))
