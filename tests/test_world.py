@@ -11,6 +11,7 @@ from llm2clip.data.lexicon import COLOR_ZH, SHAPE_ZH, plural_en
 from llm2clip.data.render import render_scene
 from llm2clip.data.synth import SPLITS, SynthConfig, synthesize
 from llm2clip.data.world import COLORS, SHAPES, Scene, sample_scene
+from llm2clip.errors import ConfigError
 
 
 def _rows(world: Path, split: str) -> list[dict]:
@@ -45,6 +46,14 @@ def test_splits_are_disjoint_and_sized(world):
     for s1, s2 in [("train", "val"), ("train", "test"), ("val", "test")]:
         assert not keys[s1] & keys[s2]
         assert not scenes[s1] & scenes[s2]
+
+
+def test_split_counts_override_fractions_and_keep_train_and_val_in_place():
+    sizes = SynthConfig(num_images=4800, val_fraction=0.05, test_fraction=0.05, val_images=200,
+                        test_images=1000).split_sizes()
+    assert sizes == {"train": 3600, "val": 200, "test": 1000}
+    with pytest.raises(ConfigError, match="val and test take all 10 images"):
+        SynthConfig(num_images=10, val_images=4, test_images=6).validate()
 
 
 def test_caption_lengths_with_the_trained_tokenizer(world):

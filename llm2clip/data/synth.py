@@ -52,6 +52,8 @@ class SynthConfig:
     num_long_captions: int = 2  # dense paraphrases per image (>= 2)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    val_images: int | None = None  # a count instead of val_fraction
+    test_images: int | None = None  # a count instead of test_fraction (Urban-1k's size: 1000)
     shard_size: int = 500  # samples per webdataset shard
     vocab_size: int = 2048  # BPE vocabulary of the trained tokenizer
     code_switch: float = 0.5  # corpus: share of world words swapped into the other language (0 = off)
@@ -65,6 +67,11 @@ class SynthConfig:
             (self.num_long_captions >= 2, "synth.num_long_captions must be >= 2 (paraphrase pairs)"),
             (self.val_fraction > 0 and self.test_fraction > 0 and self.val_fraction + self.test_fraction < 1,
              "synth.val_fraction and synth.test_fraction must be > 0 and sum to < 1"),
+            (all(n is None or n >= 1 for n in (self.val_images, self.test_images)),
+             "synth.val_images and synth.test_images must be >= 1 (or null: use the fractions)"),
+            (self.split_sizes()["train"] >= 1,
+             f"synth: val and test take all {self.num_images} images; lower synth.val_images/test_images "
+             "or raise synth.num_images"),
             (self.shard_size >= 1, "synth.shard_size must be >= 1"),
             (self.vocab_size >= 300, "synth.vocab_size must be >= 300 (256 bytes + specials + merges)"),
         ]
@@ -73,8 +80,8 @@ class SynthConfig:
                 raise ConfigError(message)
 
     def split_sizes(self) -> dict[str, int]:
-        n_val = max(1, round(self.num_images * self.val_fraction))
-        n_test = max(1, round(self.num_images * self.test_fraction))
+        n_val = self.val_images or max(1, round(self.num_images * self.val_fraction))
+        n_test = self.test_images or max(1, round(self.num_images * self.test_fraction))
         return {"train": self.num_images - n_val - n_test, "val": n_val, "test": n_test}
 
 
