@@ -188,6 +188,40 @@ def test_main_job_end_to_end_micro_run(world, tmp_path):
     assert main(eval_argv) == 0
     assert (tmp_path / "results.json").read_text() == main_results
     assert json.loads((tmp_path / "again.json").read_text())["retrieval"] == results["retrieval"]
+    _check_ablate_parts(argv, tmp_path, world)
+
+
+def _check_ablate_parts(argv, tmp_path, world):
+    """`llm2clip ablate parts` on the finished micro run: stage 2 per variant and seed, on val."""
+    import json
+
+    from llm2clip.cli import main
+    from llm2clip.stage2 import ablate
+
+    variants = "clip_finetuned,llm2clip,raw_llm,no_adapter,long_only"
+    parts = ["ablate", "parts", *argv[1:], "--set", "synth.enabled=false", "--variants", variants, "--seeds", "0,1"]
+    assert main(parts) == 0
+    done = json.loads((tmp_path / "ablation/parts.json").read_text())
+    assert done["eval_data"] == str(world / "val.jsonl")
+    assert set(done["runs"]) == set(variants.split(",")) and all(set(v) == {"0", "1"} for v in done["runs"].values())
+    assert (tmp_path / "ablation/raw_llm/cache/index.json").is_file()  # the raw LLM's own cache
+    table = ablate.summarise({v: {int(s): r for s, r in runs.items()} for v, runs in done["runs"].items()})
+    for variant, per_set in table.items():
+        assert set(per_set) == {"short", "long", "second_language"}
+        for row in per_set.values():
+            assert row["min"] <= row["mean"] <= row["max"] and len(row["seeds"]) == 2
+    # two seeds train two models: the seed reaches stage 2
+    assert done["runs"]["llm2clip"]["0"]["retrieval"] != done["runs"]["llm2clip"]["1"]["retrieval"] or \
+        (tmp_path / "ablation/llm2clip/seed0/model/model.safetensors").read_bytes() != \
+        (tmp_path / "ablation/llm2clip/seed1/model/model.safetensors").read_bytes()
+    # a rerun trains nothing: every (variant, seed) is already in parts.json
+    def refuse(*a, **k):
+        raise AssertionError("retrained a finished ablation run")
+    ablate.run_variant, kept = refuse, ablate.run_variant
+    try:
+        assert main(parts) == 0
+    finally:
+        ablate.run_variant = kept
 
 
 def test_missing_cache_entries_are_skipped_and_counted_or_named_in_strict_mode():

@@ -7,6 +7,7 @@
     export           vision tower (HF CLIP vision folder) and whole model from a trained LLM2CLIP, and the
                      CLIP baseline's vision tower (clip_vision_tower/) when it was trained
     ablate online    LLM2CLIP trained on live LLM embeddings vs the cache, same steps and seed
+    ablate parts     what each part adds (CC, adapter, centring, layer decay, caption mix), over seeds
 """
 
 from __future__ import annotations
@@ -124,6 +125,15 @@ def _ablate_online(args) -> int:
     return 0
 
 
+def _ablate_parts(args) -> int:
+    from .ablate import VARIANTS, ablate_parts
+
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    _print(ablate_parts(args.config, args.overrides, variants, seeds, args.eval_data, progress=not args.no_progress))
+    return 0
+
+
 def _gaps(out: dict) -> dict:
     off, on = out["offline"]["retrieval"], out["online"]["retrieval"]
     return {f"{s}.{k}": round(abs(off[s][k] - on[s][k]), 2) for s in off if s in on for k in ("i2t_r1", "t2i_r1")}
@@ -159,3 +169,9 @@ def add_parsers(groups, add_config_args) -> None:
 
     ablate = groups.add_parser("ablate", help="ablations").add_subparsers(dest="cmd", required=True)
     common(ablate.add_parser("online", help="offline (cached) vs online (live LLM) embeddings"), _ablate_online)
+    parts = common(ablate.add_parser("parts", help="what each part adds, stage 2 retrained per variant and seed"),
+                   _ablate_parts)
+    parts.add_argument("--variants", help="comma-separated (default: all of llm2clip.stage2.ablate.VARIANTS)")
+    parts.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parts.add_argument("--eval-data", help="caption file to evaluate on (default: val.jsonl beside data.path; "
+                       "settings are chosen on val, never on test)")
