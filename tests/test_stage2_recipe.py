@@ -188,3 +188,15 @@ def test_layer_decay_without_a_vision_tower_is_refused():
     with pytest.raises(ConfigError, match=r"stage2\.llm2clip\.layer_decay.*found 0.*Fix"):
         _optimizer(nn.Linear(4, 4), _cfg(layer_decay=0.9))
 
+
+
+def test_the_paper_preset_carries_the_official_stage2_values():
+    cfg = load_config(PRESET)
+    run = cfg.stage2.llm2clip
+    assert (run.layer_decay, run.adam_betas, run.adam_eps) == (0.85, [0.9, 0.999], 1e-8)
+    assert (run.lr, run.text_lr, run.weight_decay, run.warmup_steps, run.batch_size) == (1e-5, 1e-5, 0.05, 0, 4096)
+    assert (run.max_grad_norm, run.long_caption_ratio, run.precision) == (5.0, 0.5, "fp16")
+    assert (cfg.cache.dtype, cfg.cache.instruction, cfg.embedder.instruction) == ("float32", "", "")
+    assert cfg.stage2.model.inherit_logit_scale and not cfg.stage2.model.center_vectors
+    assert (cfg.stage2.model.embed_dim, cfg.stage2.model.adapter_depth, cfg.stage2.model.adapter_expansion) == (
+        1280, 4, 2)
