@@ -118,7 +118,8 @@ class LLM2CLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, text: torch.Tensor | Sequence[str], normalize: bool = True) -> torch.Tensor:
-        """LLM vectors [B, D] (e.g. from the cache), or texts (encoded by the stage-1 embedder) -> [B, E]."""
+        """LLM vectors [B, D] (e.g. from the cache), or texts (encoded by the stage-1 embedder as saved at
+        training time, with the caption instruction the cache used: cache.instruction) -> [B, E]."""
         if not isinstance(text, torch.Tensor):
             text = self.embedder().encode(list(text)).to(self.visual_projection.weight.device)
         require_finite_vectors(text)

@@ -41,7 +41,7 @@ def _values(**sections) -> dict:
 def _step_inputs(cfg) -> dict:
     """Per step, its stamp (llm2clip/stamps.py): the config values and files it reads."""
     from .stage1.cli import _cc_base
-    from .stage2.runs import embedder_config, pretrained_clip_folder
+    from .stage2.runs import embedder_config, pretrained_clip_folder, stage2_embedder_config
 
     s1, s2 = cfg.stage1, cfg.stage2
     cc_base = _cc_base(cfg)
@@ -56,7 +56,7 @@ def _step_inputs(cfg) -> dict:
         "cra": lambda: stamp(_values(keys=[s1.cra_caption_keys, s1.cra_second_language_key], data=cfg.data,
                                      embedder=cfg.embedder),
                              {"cra_data": s1.cra_data, "model": cfg.embedder.model, "cc": s1.cc.out}),
-        "cache": lambda: stamp(_values(cache=cfg.cache, data=cfg.data, embedder=embedder_config(cfg)),
+        "cache": lambda: stamp(_values(cache=cfg.cache, data=cfg.data, embedder=stage2_embedder_config(cfg)),
                                {"data": cfg.cache.data, "embedder": s1.cc.out, "model": embedder_config(cfg).model,
                                 "adapters": embedder_config(cfg).adapters}),
     }
@@ -70,7 +70,7 @@ def _step_inputs(cfg) -> dict:
                 paths["cache"] = None if s2.online else cfg.cache.out
                 paths.update(embedder=s1.cc.out, model=embedder_config(cfg).model,
                              adapters=embedder_config(cfg).adapters)
-            embedder = embedder_config(cfg) if name == "llm2clip" else None
+            embedder = stage2_embedder_config(cfg) if name == "llm2clip" else None  # cache.instruction too
             return stamp(_values(run=run, model=s2.model, text=s2.text, vision=cfg.vision, data=cfg.data,
                                  embedder=embedder, online=s2.online, seed=cfg.run.seed), paths)
         inputs[name] = train
@@ -121,7 +121,7 @@ def _begin(ledger, step: str, expected: dict, force: bool, partial: str | None) 
 
 def _cache(cfg, ledger, inputs, force: bool, progress: bool) -> dict:
     from .cache import INDEX, build_cache
-    from .stage2.runs import embedder_config
+    from .stage2.runs import stage2_embedder_config
 
     expected = inputs["cache"]()
     # a complete cache, or parts of a build begun on other inputs, that no longer fit: rebuilt (parts of
@@ -130,7 +130,7 @@ def _cache(cfg, ledger, inputs, force: bool, progress: bool) -> dict:
     stale = not ledger.current("cache", expected) and (complete or ledger.steps.get("cache (started)") != expected)
     _log("embedding cache" + (" (its inputs changed: rebuilding)" if stale and complete else ""))
     _begin(ledger, "cache", expected, force, None)
-    result = build_cache(cfg.cache, embedder_config(cfg), cfg.data, force=force or stale, progress=progress)
+    result = build_cache(cfg.cache, stage2_embedder_config(cfg), cfg.data, force=force or stale, progress=progress)
     ledger.record("cache", inputs["cache"]())
     return result
 

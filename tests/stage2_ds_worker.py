@@ -21,7 +21,7 @@ def main(out: str, zero_config: str) -> None:
     torch.set_num_threads(1)
     model = _model()
     cfg = TrainConfig(steps=3, batch_size=8, lr=1e-3, warmup_steps=2, checkpoint_every=3, out=out,  # as _train
-                      precision="fp32", deepspeed=zero_config)
+                      precision="fp32", deepspeed=zero_config, adam_eps=1e-6)
     sampler = CaptionSampler("short_caption", ["long_caption"], 0.5, seed=0)
     summary = train_contrastive(model, Vectors(), _images(), sampler, cfg, name="ds", progress=False,
                                 device=torch.device("cpu"))

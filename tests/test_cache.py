@@ -174,8 +174,8 @@ class _OverflowingEmbedder:
         self.inner, self.word = CaptionEmbedder.load(emb_cfg), word
         self.dim, self.stats = self.inner.dim, self.inner.stats
 
-    def encode(self, texts):
-        out = self.inner.encode(texts).float().clone()
+    def encode(self, texts, instruction=None):
+        out = self.inner.encode(texts, instruction=instruction).float().clone()
         out[[i for i, t in enumerate(texts) if self.word in t]] = float("nan")
         return out
 
@@ -195,3 +195,60 @@ def test_non_finite_vectors_are_left_out_and_counted_or_named_in_strict_mode(wor
     with pytest.raises(DataError, match=r"embedding of key '.+' is not finite"):
         build_cache(replace(cfg, out=str(tmp_path / "s")), emb_cfg, strict, progress=False,
                     embedder=_OverflowingEmbedder(emb_cfg, word))
+
+
+def test_cache_instruction_embeds_every_caption_with_it_and_is_part_of_the_fingerprint(world, emb_cfg, tmp_path):
+    """cache.instruction "" (the official LLM2CLIP's: no instruction) overrides embedder.instruction, also
+    for an embedder handed in; a cache of another instruction is refused, opened or resumed."""
+    embedder = CaptionEmbedder.load(emb_cfg)
+    assert embedder.cfg.instruction  # the embedder's own is not empty: "" must win over it
+    build_cache(_cfg(world, tmp_path / "c", dtype="float32", instruction=""), emb_cfg, progress=False,
+                embedder=embedder)
+    samples = list(CaptionReader(DataConfig(path=str(world / "test.jsonl")), load_images=False))
+    texts = [s.long_captions[0] for s in samples]
+    none = CacheConfig(instruction="").apply_instruction(emb_cfg)
+    assert none.instruction == "" and fingerprint(none, "float32")["instruction"] == ""
+    cache = EmbeddingCache.open(tmp_path / "c", expect=fingerprint(none, "float32"))
+    stored = cache.lookup([s.key for s in samples], "long_caption")
+    torch.testing.assert_close(stored, embedder.encode(texts, instruction=""))
+    assert not torch.allclose(stored, embedder.encode(texts), atol=1e-3)  # the default instruction differs
+    for other in (None, "Embed this caption"):
+        cfg = CacheConfig(instruction=other)
+        with pytest.raises(ConfigError, match="instruction"):
+            EmbeddingCache.open(tmp_path / "c", expect=fingerprint(cfg.apply_instruction(emb_cfg), "float32"))
+        with pytest.raises(ConfigError, match="instruction"):
+            build_cache(_cfg(world, tmp_path / "c", dtype="float32", instruction=other), emb_cfg, progress=False)
+
+
+def test_stage2_reads_texts_with_the_cache_instruction_everywhere(world, emb_cfg, tmp_path):
+    """Training (cached or online), the trained model's encode_text and evaluation embed with one
+    instruction: stage2_embedder_config's, which the model saves; evaluation refuses a model trained
+    with another."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from llm2clip.config import load_config
+    from llm2clip.model import LLM2CLIP, ModelConfig
+    from llm2clip.stage2.data import Caption
+    from llm2clip.stage2.evaluate import llm2clip_text_side
+    from llm2clip.stage2.runs import embedder_config, stage2_embedder_config
+
+    sets = [f"embedder.model={emb_cfg.model}", "embedder.device=cpu", "embedder.max_length=128",
+            f"stage1.cc.out={tmp_path / 'no_cc'}", f"cache.out={tmp_path / 'c'}", "cache.dtype=float32"]
+    cfg = load_config("configs/tiny.yaml", [*sets, 'cache.instruction=""'])
+    stage2 = stage2_embedder_config(cfg)
+    assert (stage2.instruction, embedder_config(cfg).instruction) == ("", cfg.embedder.instruction)
+    default = load_config("configs/tiny.yaml", sets)  # cache.instruction: null = the embedder's
+    assert stage2_embedder_config(default).instruction == default.embedder.instruction
+
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                              num_attention_heads=2, image_size=16, patch_size=8))
+    ref = {"config": stage2.saved_fields(), "fingerprint": fingerprint(stage2, "float32")}  # as run_llm2clip saves
+    model = LLM2CLIP(vision, 64, ModelConfig(embed_dim=8, adapter_depth=1), ref).eval()
+    texts = ["a large red circle", "two small blue squares"]
+    vectors = CaptionEmbedder.load(emb_cfg).encode(texts, instruction="")
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(texts), model.encode_text(vectors))
+    live = llm2clip_text_side(cfg, model)  # no cache built: the live LLM, through the model's embedder
+    torch.testing.assert_close(live(["k0", "k1"], [Caption("long_caption", t) for t in texts]), vectors)
+    with pytest.raises(ConfigError, match=r"cache\.instruction"):
+        llm2clip_text_side(default, model)

@@ -49,6 +49,10 @@ class Vectors:
 
 def _train(out, steps=6, fail_at_call=None, resume=True, **kw):
     model = _model()
+    # adam_eps 1e-6, not the official 1e-8: CLIP's k_proj.bias has an exactly zero gradient (softmax ignores
+    # a shift), and eps 1e-8 turns its rounding noise into lr-sized steps whose sign depends on the order of
+    # the reductions, so runs on 1 and 2 processes would part by ~1e-4 there instead of agreeing to 1e-5
+    kw = {"adam_eps": 1e-6, **kw}
     cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-3, warmup_steps=2, checkpoint_every=3, out=str(out), **kw)
     sampler = CaptionSampler("short_caption", ["long_caption"], 0.5, seed=0)
     train_contrastive(model, Vectors(fail_at_call), _images(), sampler, cfg, name="t", resume=resume,

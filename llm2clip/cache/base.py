@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..embedder import EmbedderConfig
@@ -26,6 +26,9 @@ class CacheConfig:
     # column); evaluation embeds fields the cache lacks (e.g. second-language captions) live
     fields: list[str] = field(default_factory=lambda: ["short_caption", "long_caption", "long_caption_2"])
     dtype: str = "bfloat16"  # storage: bfloat16 | float16 | float32
+    # the instruction captions are embedded with, here and wherever stage 2 embeds texts live (online
+    # training, evaluation, LLM2CLIP.encode_text): null = the embedder's (embedder.instruction); "" = none
+    instruction: str | None = None
     part_size: int = 2048  # samples per part file
     verify: bool = True  # check each part's sha256 the first time a process reads it
 
@@ -34,6 +37,15 @@ class CacheConfig:
             raise ConfigError("cache.dtype must be bfloat16, float16 or float32")
         if not self.fields or self.part_size < 1:
             raise ConfigError("cache.fields must name at least one caption field and cache.part_size be >= 1")
+        if self.instruction and not self.instruction.strip():
+            raise ConfigError(f"cache.instruction is blank ({self.instruction!r}). Fix: \"\" for no instruction, "
+                              "null for the embedder's (embedder.instruction), or the instruction's text")
+
+    def apply_instruction(self, emb_cfg: EmbedderConfig) -> EmbedderConfig:
+        """The embedder as the cache and stage 2 run it: `emb_cfg` with `instruction` set to
+        cache.instruction (null: unchanged). The fingerprint records it, so a cache embedded with
+        another instruction is refused."""
+        return emb_cfg if self.instruction is None else replace(emb_cfg, instruction=self.instruction)
 
 
 class MissingEmbedding(DataError, KeyError):

@@ -70,8 +70,10 @@ def _rank_samples(cfg: CacheConfig, base: DataConfig, rank: int, world_size: int
 
 def build_cache(cfg: CacheConfig, emb_cfg: EmbedderConfig, data_cfg: DataConfig | None = None, *,
                 force: bool = False, progress: bool = True, embedder: CaptionEmbedder | None = None) -> dict:
-    """Embed every caption field of every sample in cfg.data into cfg.out; resumable, rank-sharded."""
+    """Embed every caption field of every sample in cfg.data into cfg.out; resumable, rank-sharded.
+    Captions are embedded with cfg.instruction (null: emb_cfg.instruction), also by a given `embedder`."""
     cfg.validate()
+    emb_cfg = cfg.apply_instruction(emb_cfg)
     base = data_cfg or DataConfig()
     for path in cfg.data:  # every file must exist before any work (the embedder load, the first part)
         CaptionReader(replace(base, path=path, format="auto"), load_images=False, key="cache.data")
@@ -106,7 +108,7 @@ def build_cache(cfg: CacheConfig, emb_cfg: EmbedderConfig, data_cfg: DataConfig 
     position = -1
     for position, sample in enumerate(_rank_samples(cfg, base, rank, world_size, counts)):
         if position in covered:  # an existing part begins here: flush what is pending, then skip its rows
-            _flush(writer, emb, chunk, chunk_start, base, cfg, counts, bar)
+            _flush(writer, emb, chunk, chunk_start, base, cfg, counts, bar, emb_cfg.instruction)
             chunk = []
             skip_start, skip_part = position, covered[position][1]
             skip_keys = part_meta(skip_part)["keys"]
@@ -119,9 +121,9 @@ def build_cache(cfg: CacheConfig, emb_cfg: EmbedderConfig, data_cfg: DataConfig 
             chunk_start = position
         chunk.append(sample)
         if len(chunk) == cfg.part_size:
-            _flush(writer, emb, chunk, chunk_start, base, cfg, counts, bar)
+            _flush(writer, emb, chunk, chunk_start, base, cfg, counts, bar, emb_cfg.instruction)
             chunk = []
-    _flush(writer, emb, chunk, chunk_start, base, cfg, counts, bar)
+    _flush(writer, emb, chunk, chunk_start, base, cfg, counts, bar, emb_cfg.instruction)
     n = position + 1  # this rank's samples in the data as it is now
     for start, (rows, part) in covered.items():
         if start + rows > n:  # the data ends before this part does
@@ -138,7 +140,7 @@ def build_cache(cfg: CacheConfig, emb_cfg: EmbedderConfig, data_cfg: DataConfig 
 
 
 def _flush(writer: CacheWriter, emb, chunk: list, start: int, base: DataConfig, cfg: CacheConfig, counts: dict,
-           bar) -> None:
+           bar, instruction: str) -> None:
     """Embed one chunk of samples and write it as a part (nothing when the chunk is empty)."""
     if not chunk:
         return
@@ -148,7 +150,7 @@ def _flush(writer: CacheWriter, emb, chunk: list, start: int, base: DataConfig, 
         mask = torch.tensor([t is not None for t in texts])  # [n]
         v = torch.zeros(len(chunk), writer.dim, dtype=writer.dtype)  # [n, D]
         if mask.any():
-            v[mask] = emb.encode([t for t in texts if t is not None]).to(writer.dtype)  # [m, D]
+            v[mask] = emb.encode([t for t in texts if t is not None], instruction=instruction).to(writer.dtype)
         # NaN/inf (an overflow in the LLM, or in a float16 store) is never served: absent, counted
         bad = mask & ~torch.isfinite(v).all(dim=1)
         for i in bad.nonzero().flatten().tolist():

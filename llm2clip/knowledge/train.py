@@ -52,9 +52,9 @@ class KnowledgeConfig:
 
 def _open_cache(cfg):
     from ..cache import EmbeddingCache, fingerprint
-    from ..stage2.runs import embedder_config
+    from ..stage2.runs import stage2_embedder_config
 
-    return EmbeddingCache.open(cfg.cache.out, expect=fingerprint(embedder_config(cfg), cfg.cache.dtype),
+    return EmbeddingCache.open(cfg.cache.out, expect=fingerprint(stage2_embedder_config(cfg), cfg.cache.dtype),
                                verify=cfg.cache.verify)
 
 

@@ -35,10 +35,11 @@ def _print(result) -> None:
 
 def _cache_build(args) -> int:
     from ..cache import build_cache
-    from .runs import embedder_config
+    from .runs import stage2_embedder_config
 
     cfg = _cfg(args)
-    _print(build_cache(cfg.cache, embedder_config(cfg), cfg.data, force=args.force, progress=not args.no_progress))
+    _print(build_cache(cfg.cache, stage2_embedder_config(cfg), cfg.data, force=args.force,
+                       progress=not args.no_progress))
     return 0
 
 

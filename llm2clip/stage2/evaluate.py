@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..baseline import BaselineCLIP
+from ..errors import ConfigError
 from ..eval import evaluate_retrieval
 from ..model import LLM2CLIP
 from ..precision import bf16_autocast
@@ -57,15 +58,24 @@ class CachedOrLive:
 
 
 def llm2clip_text_side(cfg, model: LLM2CLIP | None = None):
-    """The cache where it holds a caption, else the live LLM (stage2.online: always the live LLM)."""
+    """The cache where it holds a caption, else the live LLM (stage2.online: always the live LLM), both
+    with the cache's caption instruction, which must be the one `model` was trained with."""
     from ..cache import EmbeddingCache, fingerprint
     from ..embedder import CaptionEmbedder
-    from .runs import embedder_config
+    from .runs import stage2_embedder_config
+
+    emb_cfg = stage2_embedder_config(cfg)
+    trained = ((model.embedder_ref or {}).get("config") or {}) if model is not None else {}
+    if "instruction" in trained and trained["instruction"] != emb_cfg.instruction:
+        raise ConfigError(f"the LLM2CLIP model was trained on captions embedded with instruction "
+                          f"{trained['instruction']!r}, but cache.instruction (null: embedder.instruction) now gives "
+                          f"{emb_cfg.instruction!r}; its evaluation would read other vectors. Fix: set "
+                          f"cache.instruction to the model's, or retrain stage2.llm2clip")
 
     def embedder():
-        return model.embedder() if model is not None else CaptionEmbedder.load(embedder_config(cfg))
+        return model.embedder() if model is not None else CaptionEmbedder.load(emb_cfg)
 
-    expected = fingerprint(embedder_config(cfg), cfg.cache.dtype)
+    expected = fingerprint(emb_cfg, cfg.cache.dtype)
     if not cfg.stage2.online and (Path(cfg.cache.out) / "index.json").is_file():
         return CachedOrLive(EmbeddingCache.open(cfg.cache.out, expect=expected, verify=cfg.cache.verify), embedder)
     return LiveVectors(embedder())

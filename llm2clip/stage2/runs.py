@@ -294,7 +294,7 @@ def run_llm2clip(cfg, data, progress: bool = True) -> dict:
     from ..distributed import world
     from ..embedder import CaptionEmbedder
 
-    emb_cfg = embedder_config(cfg)
+    emb_cfg = stage2_embedder_config(cfg)  # the cache's instruction, cached or online alike
     expected = fingerprint(emb_cfg, cfg.cache.dtype)
     data = as_batches(data)
     if cfg.stage2.online:
@@ -355,3 +355,11 @@ def embedder_config(cfg):
         return read_embedder_config(folder, device=runtime.device, batch_size=runtime.batch_size,
                                     compile=runtime.compile)
     return cfg.embedder
+
+
+def stage2_embedder_config(cfg):
+    """The embedder as stage 2 reads captions with it: `embedder_config` with the cache's caption
+    instruction (cache.instruction; null = the embedder's own). The cache build, online training, the
+    trained model's `encode_text` (it saves this config) and evaluation all use it, so their vectors
+    agree; stage 1's CRA keeps the embedder's own instruction."""
+    return cfg.cache.apply_instruction(embedder_config(cfg))
