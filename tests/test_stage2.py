@@ -210,7 +210,7 @@ def _check_ablate_parts(argv, tmp_path, world):
     assert set(done["runs"]) == set(variants.split(",")) and all(set(v) == {"0", "1"} for v in done["runs"].values())
     assert (tmp_path / "ablation/raw_llm/cache/index.json").is_file()  # the raw LLM's own cache
     table = ablate.summarise({v: {int(s): r for s, r in runs.items()} for v, runs in done["runs"].items()})
-    for variant, per_set in table.items():
+    for per_set in table.values():
         assert set(per_set) == {"short", "long", "second_language"}
         for row in per_set.values():
             assert row["min"] <= row["mean"] <= row["max"] and len(row["seeds"]) == 2
