@@ -40,7 +40,7 @@ class CCConfig:
     batch_size: int = 32  # pairs per process and step
     lr: float = 2e-4
     warmup_steps: int = 20
-    lr_schedule: str = "cosine"  # cosine | constant (after warmup)
+    lr_schedule: str = "cosine"  # cosine | linear (the official's, the HF Trainer default) | constant
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -61,8 +61,8 @@ class CCConfig:
             raise ConfigError("stage1.cc.translation_fraction must be in [0, 1)")
         if not 0.0 <= self.long_long_fraction <= 1.0:
             raise ConfigError("stage1.cc.long_long_fraction must be in [0, 1]")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ConfigError("stage1.cc.lr_schedule must be 'cosine' or 'constant'")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError("stage1.cc.lr_schedule must be 'cosine', 'linear' or 'constant'")
         if self.batch_size < 2 or self.steps < 1:
             raise ConfigError("stage1.cc.batch_size must be >= 2 (in-batch negatives) and steps >= 1")
         if self.attn_implementation not in (None, "sdpa", "eager", "flash_attention_2"):

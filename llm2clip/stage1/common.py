@@ -17,8 +17,13 @@ def seed_everything(seed: int) -> None:
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, warmup_steps: int,
                    total_steps: int, schedule: str = "cosine"):
-    """AdamW over trainable parameters; transformers' cosine or constant schedule with linear warmup."""
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+    """AdamW over trainable parameters; transformers' cosine, linear (the HF Trainer's default, as the
+    official LLM2CLIP stage 1) or constant schedule, each after a linear warmup."""
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
 
     trainable = [p for p in params if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]  # no weight decay on norms and biases
@@ -29,10 +34,12 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay
     warmup = min(warmup_steps, total_steps)
     if schedule == "cosine":
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    elif schedule == "linear":
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
     elif schedule == "constant":
         scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
     else:
-        raise ValueError(f"unknown lr schedule '{schedule}'; use cosine or constant")
+        raise ValueError(f"unknown lr schedule '{schedule}'; use cosine, linear or constant")
     return optimizer, scheduler
 
 
