@@ -165,3 +165,26 @@ def test_long_long_fraction_sets_the_share_of_paraphrase_batches():
         sampler = PairSampler(groups, [], long_long_fraction=fraction, translation_fraction=0.0, seed=0)
         share = sum(sampler.batch(4)[0].instruction == instructions.LONG_TO_LONG for _ in range(800)) / 800
         assert abs(share - fraction) < 0.05
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_cc_lr_schedules_follow_transformers(schedule):
+    """`stage1.cc.lr_schedule`: warmup, then transformers' curve (linear: the official run's HF default)."""
+    import math
+
+    from llm2clip.stage1.common import make_optimizer
+
+    weight = torch.nn.Parameter(torch.zeros(2, 2))
+    optimizer, scheduler = make_optimizer([weight], lr=1.0, weight_decay=0.0, warmup_steps=2, total_steps=10,
+                                          schedule=schedule)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == [0.0, 0.5, 1.0]
+    progress = 0.5  # step 6 of 2..10
+    expected = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
+    assert lrs[6] == pytest.approx(expected[schedule])
+    with pytest.raises(ValueError, match="cosine, linear or constant"):
+        make_optimizer([weight], 1.0, 0.0, 2, 10, schedule="step")
