@@ -22,7 +22,8 @@ VARIANTS: dict[str, list[str]] = {
     "raw_llm": [],  # the LLM without CC fine-tuning (stage1.cc.out is skipped; a cache of its own)
     "no_adapter": ["stage2.model.adapter_depth=0"],  # a linear projection on the LLM vectors
     "no_centring": ["stage2.model.center_vectors=false"],
-    "no_layer_decay": ["stage2.llm2clip.layer_decay=1.0"],
+    "no_layer_decay": ["stage2.llm2clip.layer_decay=1.0"],  # one of these two is the run's own recipe
+    "layer_decay_0.85": ["stage2.llm2clip.layer_decay=0.85"],  # the official visual layer decay
     "short_only": ["stage2.llm2clip.long_caption_ratio=0.0"],
     "long_only": ["stage2.llm2clip.long_caption_ratio=1.0"],
 }
