@@ -188,3 +188,23 @@ def test_cc_lr_schedules_follow_transformers(schedule):
     assert lrs[6] == pytest.approx(expected[schedule])
     with pytest.raises(ValueError, match="cosine, linear or constant"):
         make_optimizer([weight], 1.0, 0.0, 2, 10, schedule="step")
+
+
+def test_mixed_directions_start_at_mixed_from_batch_and_survive_resume():
+    from llm2clip.stage1.pairs import CaptionGroup, PairSampler
+
+    groups = [CaptionGroup(f"short {i}", [f"long {i} a"]) for i in range(40)]
+
+    def sampler():
+        return PairSampler(groups, [], long_long_fraction=0.0, translation_fraction=0.0, seed=0, mixed_from_batch=30)
+
+    one = sampler()
+    kinds = [len({p.instruction for p in one.batch(16)}) for _ in range(60)]
+    assert kinds[:30] == [1] * 30 and sum(k == 2 for k in kinds[30:]) >= 28
+    # a resumed sampler (state saved at batch 20) draws the same batches, switching at the same one
+    first, second = sampler(), sampler()
+    for _ in range(20):
+        first.batch(16)
+    second.set_state(first.state())
+    assert [[p.query for p in first.batch(16)] for _ in range(20)] == \
+        [[p.query for p in second.batch(16)] for _ in range(20)]

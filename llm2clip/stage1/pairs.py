@@ -73,14 +73,15 @@ class PairSampler:
 
     def __init__(self, groups: list[CaptionGroup], text_pairs: list[tuple[str, str]], *, long_long_fraction: float,
                  translation_fraction: float, seed: int, task_seed: int | None = None, text_pair_buckets: int = 4,
-                 mixed_directions: bool = True):
+                 mixed_directions: bool = True, mixed_from_batch: int = 0):
         """`seed` draws the samples (the same on every rank: each trains on its slice of a global batch);
         `task_seed` draws each batch's kind and direction and must be equal on every rank, because
         negatives are gathered across ranks. `long_long_fraction`: share of caption batches pairing two
         long paraphrases (the rest pair short with long). `mixed_directions`: each row draws its own
-        direction (LLM2CLIP's E5_cc3m.py); else one direction per batch."""
+        direction (LLM2CLIP's E5_cc3m.py) from batch `mixed_from_batch` on; before it, and without it,
+        one direction per batch."""
         self.groups = groups
-        self.mixed_directions = mixed_directions
+        self.mixed_directions, self.mixed_from_batch, self.batches_drawn = mixed_directions, mixed_from_batch, 0
         self.rng = random.Random(seed)
         self.task_rng = random.Random(seed if task_seed is None else task_seed)
         # Text pairs come in length buckets, one bucket per batch: a batch mixing words and paragraphs
@@ -97,11 +98,13 @@ class PairSampler:
 
     def state(self) -> dict:
         """Both RNG states as JSON-able lists (a resumed run draws the batches it would have drawn)."""
-        return {"rng": _json_state(self.rng.getstate()), "task_rng": _json_state(self.task_rng.getstate())}
+        return {"rng": _json_state(self.rng.getstate()), "task_rng": _json_state(self.task_rng.getstate()),
+                "batches_drawn": self.batches_drawn}
 
     def set_state(self, state: dict) -> None:
         self.rng.setstate(_tuple_state(state["rng"]))
         self.task_rng.setstate(_tuple_state(state["task_rng"]))
+        self.batches_drawn = state.get("batches_drawn", 0)
 
     def _other(self, n: int, i: int) -> int:
         j = self.rng.randrange(n - 1)
@@ -112,8 +115,10 @@ class PairSampler:
         batch (every query then shares its instruction and the candidates are all of one kind)."""
         kind = self.task_rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
         forward = self.task_rng.random() < 0.5
+        mixed = self.mixed_directions and self.batches_drawn >= self.mixed_from_batch
+        self.batches_drawn += 1
         # per-row directions come from the task stream too: every rank must see the same global batch
-        directions = [self.task_rng.random() < 0.5 if self.mixed_directions else forward for _ in range(size)]
+        directions = [self.task_rng.random() < 0.5 if mixed else forward for _ in range(size)]
         if kind == "translation":
             bucket = self.task_rng.choice(self.text_buckets)
             return [self._translation(d, bucket) for d in directions]
