@@ -228,6 +228,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "tokens_per_second": round(tokens / seconds, 1), "skipped": dict(dataset.skips.counts),
                "mismatched": dataset.mismatch.mismatched, "truncated": dataset.truncated,
+               "truncated_answers": dataset.answers_cut, "answers": dataset.answers,
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if training_args.should_save:
         Path(training_args.output_dir, "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -18,7 +18,7 @@ from llava_integration.conversation import (
     render,
     tokenize_conversation,
 )
-from llava_integration.data import DataArguments, LlavaDataset
+from llava_integration.data import DataArguments, LlavaDataset, answer_runs
 from llava_integration.evaluate import TYPES, question_type, vqa_items
 from llava_integration.model import LlavaForCausalLM
 from llm2clip.errors import DataError
@@ -130,6 +130,25 @@ def test_bad_samples_are_skipped_and_counted_or_raise(tmp_path, tokenizer, world
         sample = next(b for b in bad if b["id"] == sample_id)
         with pytest.raises(DataError, match=message):
             _dataset(_write(tmp_path, [sample], f"{sample_id}.json"), tokenizer, world, strict=True)
+
+
+def test_truncation_counts_samples_and_the_answers_that_lose_tokens(tmp_path, tokenizer, world):
+    image = json.loads((world / "llava/train_instruct.json").read_text())[0]["image"]
+    sample = {"id": "two", "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nHow many stars are there?"},
+        {"from": "gpt", "value": "There is one star."},
+        {"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "A red star. " * 40}]}
+    path = _write(tmp_path, [sample])
+    ids, labels, _ = tokenize_conversation(sample["conversations"], tokenizer, get_template("v1"))
+    (_, first_answer_end), _ = answer_runs(labels)
+    assert all(label == IGNORE_INDEX for label in labels[first_answer_end + 1: first_answer_end + 3])
+    whole = _dataset(path, tokenizer, world, max_length=len(ids) + 15)  # 16 image rows: exactly fits
+    assert (whole.truncated, whole.answers_cut, whole.answers) == (0, 0, 2)
+    cut = _dataset(path, tokenizer, world, max_length=first_answer_end + 15 + 1)  # the first answer just fits
+    assert (cut.truncated, cut.answers_cut, cut.answers) == (1, 1, 2)
+    assert "1 samples truncated to model_max_length: 1 of 2 answer turns lose tokens" in cut.report()
+    both = _dataset(path, tokenizer, world, max_length=first_answer_end + 15)  # its last token is cut too
+    assert (both.truncated, both.answers_cut) == (1, 2)
 
 
 def test_splice_places_image_rows_and_masks_them(tokenizer):
