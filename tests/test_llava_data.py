@@ -204,3 +204,23 @@ def test_vqa_eval_on_a_file_without_scorable_questions_is_an_error_not_zero(tmp_
     (tmp_path / "mix.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=r"holds no question of a type this evaluator scores.*lmms-eval"):
         evaluate_vqa(None, None, None, tmp_path / "mix.json", tmp_path, progress=False)
+
+
+def test_group_by_length_batches_similar_lengths_without_loading_samples():
+    from llava_integration.train import LlavaTrainer
+
+    class Unloadable(list):  # the sampler takes the tokenized lengths; loading an image would fail here
+        def __getitem__(self, i):
+            raise AssertionError("a sample was loaded to measure it")
+
+    lengths = [220, 220, 220, -380] * 200  # Q&A conversations, descriptions (negative: text-only, LLaVA's sign)
+    dataset = Unloadable(lengths)
+    dataset.modality_lengths = lengths
+    args = SimpleNamespace(train_sampling_strategy="group_by_length", group_by_modality_length=False,
+                           train_batch_size=4, gradient_accumulation_steps=1)
+    torch.manual_seed(0)
+    order = list(LlavaTrainer._get_train_sampler(SimpleNamespace(args=args, train_dataset=dataset)))
+    assert sorted(order) == list(range(800))
+    batches = [{abs(lengths[i]) for i in order[k: k + 4]} for k in range(0, 800, 4)]
+    # HF's grouping sorts windows of 50 batches: about one mixed batch per window (random batches: ~68% mixed)
+    assert sum(len(b) > 1 for b in batches) <= 8
