@@ -58,12 +58,15 @@ class TrainingArguments(transformers.TrainingArguments):
     mm_projector_lr: float | None = None  # separate learning rate for the projector
     mm_vision_tower_lr: float | None = None  # separate learning rate for an unfrozen tower
     group_by_modality_length: bool = False  # batches hold image samples or text-only samples, not both
+    group_by_length: bool = False  # batches of similar lengths, less padding (transformers 4.x's flag name)
     report_to: str | list[str] = field(default_factory=lambda: ["none"])  # e.g. tensorboard, wandb
     warmup_ratio: float | None = None  # LLaVA's flag; transformers 5 takes a ratio in warmup_steps
 
     def __post_init__(self):
         if self.warmup_ratio is not None:
             self.warmup_steps = self.warmup_ratio
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
         super().__post_init__()
 
 

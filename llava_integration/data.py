@@ -52,6 +52,20 @@ def expand2square(image, background: tuple[int, ...]):
     return canvas
 
 
+def answer_runs(labels: list[int]) -> list[tuple[int, int]]:
+    """(first, last) token index of each supervised answer: the runs of labels that are not IGNORE_INDEX
+    (answers are separated by the next question's masked tokens)."""
+    runs: list[tuple[int, int]] = []
+    start = None
+    for i, label in enumerate([*labels, IGNORE_INDEX]):
+        if label != IGNORE_INDEX and start is None:
+            start = i
+        elif label == IGNORE_INDEX and start is not None:
+            runs.append((start, i - 1))
+            start = None
+    return runs
+
+
 class LlavaDataset(Dataset):
     def __init__(self, args: DataArguments, tokenizer, image_processor, version: str, model_max_length: int,
                  num_image_tokens: int | Callable[[tuple[int, int]], int], progress: bool = True,
@@ -73,7 +87,8 @@ class LlavaDataset(Dataset):
         raw = raw[: args.max_samples] if args.max_samples else raw
         self.skips = SkipCounter()
         self.mismatch = MismatchCounter(args.max_mismatch_fraction)
-        self.truncated = 0
+        self.truncated = 0  # samples longer than model_max_length
+        self.answers = self.answers_cut = 0  # answer (gpt) turns; those that lose tokens to truncation
         self.samples: list[dict] = []
         for index, sample in enumerate(tqdm(raw, desc="tokenize", unit="sample", disable=not progress)):
             self.skips.read += 1
@@ -107,14 +122,18 @@ class LlavaDataset(Dataset):
             image_tokens = image_tokens(self._size_hw(self.folder / image))
         ids, labels, mismatch = tokenize_conversation(sample["conversations"], tokenizer, self.template)
         self.mismatch.update(sid, mismatch)
-        length = len(ids) + (image_tokens - 1 if image is not None else 0)  # after splicing the image in
+        shift = image_tokens - 1 if image is not None else 0  # the image token becomes image_tokens rows
+        length = len(ids) + shift  # after splicing the image in
+        runs = answer_runs(labels)
         if length > max_length:
-            kept = max_length - (image_tokens - 1 if image is not None else 0)
+            kept = max_length - shift
             if all(x == IGNORE_INDEX for x in labels[:kept]) and not mismatch:
                 raise DataError(f"over-long conversation: sample {sid} needs {length} tokens but "
                                 f"model_max_length={max_length} cuts every answer; raise --model_max_length "
                                 "or split the conversation")
             self.truncated += 1
+            self.answers_cut += sum(end + shift >= max_length for _, end in runs)
+        self.answers += len(runs)
         return {"id": sid, "image": image, "input_ids": ids, "labels": labels, "length": length}
 
     @staticmethod
@@ -130,7 +149,8 @@ class LlavaDataset(Dataset):
     def report(self) -> str:
         lines = [self.skips.summary(), self.mismatch.report()]
         if self.truncated:
-            lines.append(f"{self.truncated} samples truncated to model_max_length")
+            lines.append(f"{self.truncated} samples truncated to model_max_length: {self.answers_cut} of "
+                         f"{self.answers} answer turns lose tokens")
         return "\n".join(lines)
 
     @property

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from llm2clip.data.qa import DESCRIBE_PROMPT
 from llm2clip.errors import ConfigError
 from llm2clip.precision import bf16_pays
 
@@ -35,10 +36,12 @@ RECIPES = {  # LLaVA-1.5's scripts: projector-only pretraining, then instruction
 TINY = {  # sized so each script finishes within 10 minutes on 2 CPU cores (docs/LLAVA.md)
     "pretrain": ["--per_device_train_batch_size", "32", "--model_max_length", "512", "--num_train_epochs", "3",
                  "--gradient_checkpointing", "False", "--logging_steps", "10"],
-    # 256 tokens keep the short question turns and cut most of the ~250-token descriptions: 3x fewer
-    # tokens per step than the full conversations, which is what makes 500 steps per tower fit.
+    # The world's instruction data keeps Q&A conversations (193-239 tokens with the image's 9 rows) and
+    # detailed descriptions (211-430) in separate samples, so 512 cuts nothing; batches grouped by length
+    # pad to ~4.05k tokens a step instead of ~5.9k (randomly mixed), as many as the old layout cut at 256.
     "finetune": ["--per_device_train_batch_size", "16", "--learning_rate", "1e-3", "--max_steps", "500",
-                 "--model_max_length", "256", "--gradient_checkpointing", "False", "--logging_steps", "50"],
+                 "--model_max_length", "512", "--group_by_length", "True",
+                 "--gradient_checkpointing", "False", "--logging_steps", "50"],
 }
 
 
@@ -78,6 +81,26 @@ def output_dir(kind: str, tower: str, lora: bool = False) -> Path:
     return run_dir() / "llava" / tower / f"llava-{tower}-{kind}{'-lora' if lora else ''}"
 
 
+def legacy_instruct(samples: list[dict]) -> bool:
+    """The shapes world's first instruction layout: the detailed description as one more turn of each
+    Q&A conversation, where a ~250-token answer cut the questions after it at the tiny preset's length."""
+    return any(len(s.get("conversations", [])) > 2 and any(
+        t.get("value", "").replace("<image>", "").strip() == DESCRIBE_PROMPT for t in s["conversations"][::2])
+        for s in samples)
+
+
+def refresh_instruct_data(data: Path) -> None:
+    """Rewrite a run's llava/*_instruct.json in the current layout when it holds the legacy one (a run
+    synthesised before the change); images, captions and every other file stay as they are."""
+    from llm2clip.data.synth import rewrite_llava_instruct
+
+    path = data / "llava" / "train_instruct.json"
+    if (data / "manifest.json").is_file() and path.is_file() and legacy_instruct(json.loads(path.read_text())):
+        counts = rewrite_llava_instruct(data)
+        print(f"[llava] {data}/llava/*_instruct.json held descriptions inside the Q&A conversations (the layout "
+              f"before issue #20); rewritten with them as separate samples: {counts} (docs/LLAVA.md)", flush=True)
+
+
 def training_argv(kind: str, argv: list[str]) -> list[str]:
     full = list(RECIPES[kind])
     if not torch.cuda.is_available():
@@ -86,6 +109,8 @@ def training_argv(kind: str, argv: list[str]) -> list[str]:
     if is_preset(argv):
         run, tower = run_dir(), tower_name(argv)
         split = "pretrain" if kind == "pretrain" else "instruct"
+        if kind == "finetune":
+            refresh_instruct_data(run / "data")
         full += ["--model_name_or_path", str(run / "stage1/lm"), "--vision_tower", tower,
                  "--data_path", str(run / f"data/llava/train_{split}.json"), "--image_folder", str(run / "data"),
                  "--output_dir", str(output_dir(kind, tower, is_lora(argv))), "--seed", "0", *TINY[kind]]

@@ -153,6 +153,13 @@ class LlavaTrainer(transformers.Trainer):
         return self.optimizer
 
     def _get_train_sampler(self, *args, **kwargs):
+        if self.args.train_sampling_strategy == "group_by_length" and not self.args.group_by_modality_length:
+            # --group_by_length: HF's sampler would measure each sample by loading it (its image too); the
+            # lengths are known
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=[abs(n) for n in self.train_dataset.modality_lengths])
         if not self.args.group_by_modality_length:
             return super()._get_train_sampler(*args, **kwargs)
         return ModalityGroupedSampler(self.train_dataset.modality_lengths,
@@ -228,6 +235,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "tokens_per_second": round(tokens / seconds, 1), "skipped": dict(dataset.skips.counts),
                "mismatched": dataset.mismatch.mismatched, "truncated": dataset.truncated,
+               "truncated_answers": dataset.answers_cut, "answers": dataset.answers,
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if training_args.should_save:
         Path(training_args.output_dir, "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

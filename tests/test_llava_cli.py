@@ -39,6 +39,8 @@ def test_preset_layers_recipe_tiny_and_user_flags(tmp_path, monkeypatch):
     model_args, _, training_args = parse(preset.training_argv("finetune", []))
     assert model_args.pretrain_mm_mlp_adapter.endswith("llava/llm2clip/llava-llm2clip-pretrain/mm_projector.bin")
     assert model_args.version == "v1" and training_args.max_steps > 0
+    # batches of similar lengths: Q&A conversations and descriptions are separate samples (issue #20)
+    assert training_args.group_by_length and training_args.train_sampling_strategy == "group_by_length"
     _, _, lora_args = parse(preset.training_argv("finetune", ["--lora_enable", "True"]))
     assert lora_args.output_dir.endswith("llava/llm2clip/llava-llm2clip-finetune-lora")
     # with a model and data of your own, the tiny preset stays out of the way

@@ -18,7 +18,7 @@ from llava_integration.conversation import (
     render,
     tokenize_conversation,
 )
-from llava_integration.data import DataArguments, LlavaDataset
+from llava_integration.data import DataArguments, LlavaDataset, answer_runs
 from llava_integration.evaluate import TYPES, question_type, vqa_items
 from llava_integration.model import LlavaForCausalLM
 from llm2clip.errors import DataError
@@ -132,6 +132,25 @@ def test_bad_samples_are_skipped_and_counted_or_raise(tmp_path, tokenizer, world
             _dataset(_write(tmp_path, [sample], f"{sample_id}.json"), tokenizer, world, strict=True)
 
 
+def test_truncation_counts_samples_and_the_answers_that_lose_tokens(tmp_path, tokenizer, world):
+    image = json.loads((world / "llava/train_instruct.json").read_text())[0]["image"]
+    sample = {"id": "two", "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nHow many stars are there?"},
+        {"from": "gpt", "value": "There is one star."},
+        {"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "A red star. " * 40}]}
+    path = _write(tmp_path, [sample])
+    ids, labels, _ = tokenize_conversation(sample["conversations"], tokenizer, get_template("v1"))
+    (_, first_answer_end), _ = answer_runs(labels)
+    assert all(label == IGNORE_INDEX for label in labels[first_answer_end + 1: first_answer_end + 3])
+    whole = _dataset(path, tokenizer, world, max_length=len(ids) + 15)  # 16 image rows: exactly fits
+    assert (whole.truncated, whole.answers_cut, whole.answers) == (0, 0, 2)
+    cut = _dataset(path, tokenizer, world, max_length=first_answer_end + 15 + 1)  # the first answer just fits
+    assert (cut.truncated, cut.answers_cut, cut.answers) == (1, 1, 2)
+    assert "1 samples truncated to model_max_length: 1 of 2 answer turns lose tokens" in cut.report()
+    both = _dataset(path, tokenizer, world, max_length=first_answer_end + 15)  # its last token is cut too
+    assert (both.truncated, both.answers_cut) == (1, 2)
+
+
 def test_splice_places_image_rows_and_masks_them(tokenizer):
     """prepare_inputs_labels_for_multimodal against a hand-built reference, both padding sides."""
     torch.manual_seed(0)
@@ -185,3 +204,23 @@ def test_vqa_eval_on_a_file_without_scorable_questions_is_an_error_not_zero(tmp_
     (tmp_path / "mix.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=r"holds no question of a type this evaluator scores.*lmms-eval"):
         evaluate_vqa(None, None, None, tmp_path / "mix.json", tmp_path, progress=False)
+
+
+def test_group_by_length_batches_similar_lengths_without_loading_samples():
+    from llava_integration.train import LlavaTrainer
+
+    class Unloadable(list):  # the sampler takes the tokenized lengths; loading an image would fail here
+        def __getitem__(self, i):
+            raise AssertionError("a sample was loaded to measure it")
+
+    lengths = [220, 220, 220, -380] * 200  # Q&A conversations, descriptions (negative: text-only, LLaVA's sign)
+    dataset = Unloadable(lengths)
+    dataset.modality_lengths = lengths
+    args = SimpleNamespace(train_sampling_strategy="group_by_length", group_by_modality_length=False,
+                           train_batch_size=4, gradient_accumulation_steps=1)
+    torch.manual_seed(0)
+    order = list(LlavaTrainer._get_train_sampler(SimpleNamespace(args=args, train_dataset=dataset)))
+    assert sorted(order) == list(range(800))
+    batches = [{abs(lengths[i]) for i in order[k: k + 4]} for k in range(0, 800, 4)]
+    # HF's grouping sorts windows of 50 batches: about one mixed batch per window (random batches: ~68% mixed)
+    assert sum(len(b) > 1 for b in batches) <= 8

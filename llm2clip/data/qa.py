@@ -83,17 +83,30 @@ def llava_pretrain_sample(key: str, image: str, caption: str, rng: random.Random
     ]}
 
 
-def llava_instruct_sample(key: str, image: str, scene: Scene, long_caption: str, rng: random.Random) -> dict:
-    """A multi-turn conversation: colour, count, left-of, yes/no and describe, in random order."""
-    qas = [_color_qa(scene, rng), _count_qa(scene, rng), _left_of_qa(scene, rng), _exists_qa(scene, rng),
-           ("Describe the image in detail.", long_caption)]
-    qas = [qa for qa in qas if qa is not None]
-    rng.shuffle(qas)
+DESCRIBE_PROMPT = "Describe the image in detail."
+DETAIL_SHARE = 0.4  # description samples per Q&A conversation: LLaVA-Instruct-150K's detail_23k / conversation_58k
+
+
+def _conversation(sample_id: str, image: str, qas: list[tuple[str, str]]) -> dict:
     turns = []
     for i, (q, a) in enumerate(qas):
         turns.append({"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q}" if i == 0 else q})
         turns.append({"from": "gpt", "value": a})
-    return {"id": key, "image": image, "conversations": turns}
+    return {"id": sample_id, "image": image, "conversations": turns}
+
+
+def llava_instruct_samples(key: str, image: str, scene: Scene, long_caption: str, rng: random.Random) -> list[dict]:
+    """LLaVA-Instruct's layout: a multi-turn Q&A conversation per image (conversation_58k's role: colour,
+    count, left-of and yes/no questions in random order) and, for a DETAIL_SHARE of the images, a separate
+    one-turn detailed-description sample (detail_23k's role; id `<key>-detail`). Kept apart, a ~250-token
+    description never pushes the short answers past model_max_length."""
+    qas = [_color_qa(scene, rng), _count_qa(scene, rng), _left_of_qa(scene, rng), _exists_qa(scene, rng)]
+    qas = [qa for qa in qas if qa is not None]
+    rng.shuffle(qas)
+    samples = [_conversation(key, image, qas)]
+    if rng.random() < DETAIL_SHARE:
+        samples.append(_conversation(f"{key}-detail", image, [(DESCRIBE_PROMPT, long_caption)]))
+    return samples
 
 
 def parallel_sentences() -> Iterator[tuple[str, str]]:

@@ -6,7 +6,8 @@ Layout of `out_dir` (every file is a pure function of the config: same seed, sam
     {split}.jsonl, {split}.csv      LLM2CLIP columns (short_caption, long_caption) plus ours
     wds/{split}-{shard:06d}.tar     webdataset shards, img2dataset layout: key.png, key.txt, key.json
     llava/{split}_pretrain.json     LLaVA 'plain' pretraining samples (image + caption)
-    llava/{split}_instruct.json     LLaVA instruction conversations
+    llava/{split}_instruct.json     LLaVA instruction data: a Q&A conversation per image, plus separate
+                                    detailed-description samples for a share of them (qa.DETAIL_SHARE)
     corpus.txt                      text for pretraining a tiny LM (train captions + world sentences)
     parallel.jsonl                  English/Chinese text pairs {source, target} for stage-1 text pairs
     tokenizer/                      byte-level BPE trained on corpus.txt (HF files)
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from ..errors import ConfigError
 from .captions import describe
 from .lexicon import code_switch
-from .qa import llava_instruct_sample, llava_pretrain_sample, parallel_sentences, world_sentences
+from .qa import llava_instruct_samples, llava_pretrain_sample, parallel_sentences, world_sentences
 from .render import render_scene
 from .tokenizer import train_tokenizer
 from .world import GRID, sample_scene
@@ -95,8 +96,9 @@ def _long_columns(n: int) -> list[str]:
     return ["long_caption"] + [f"long_caption_{i}" for i in range(2, n + 1)]
 
 
-def _make_records(cfg: SynthConfig, progress: bool) -> dict[str, list[dict]]:
-    """Sample every scene (train/val/test disjoint), render it and write its captions."""
+def _make_records(cfg: SynthConfig, progress: bool, render: bool = True) -> dict[str, list[dict]]:
+    """Sample every scene (train/val/test disjoint), render it (unless `render` is False: rendering
+    consumes no randomness, so every text field is the same either way) and write its captions."""
     records: dict[str, list[dict]] = {s: [] for s in SPLITS}
     seen: set[tuple] = set()
     index = 0
@@ -117,9 +119,10 @@ def _make_records(cfg: SynthConfig, progress: bool) -> dict[str, list[dict]]:
                       "short_caption_zh": captions["short_caption_zh"],
                       "long_caption_zh": captions["long_caption_zh"],
                       "attributes": scene.to_dict()}
-            record["_png"] = _png_bytes(render_scene(scene, cfg.image_size))
+            if render:
+                record["_png"] = _png_bytes(render_scene(scene, cfg.image_size))
             record["_pretrain"] = llava_pretrain_sample(key, image_rel, captions["short_caption"], rng)
-            record["_instruct"] = llava_instruct_sample(key, image_rel, scene, captions["long_captions"][0], rng)
+            record["_instruct"] = llava_instruct_samples(key, image_rel, scene, captions["long_captions"][0], rng)
             records[split].append(record)
             index += 1
             bar.update()
@@ -159,9 +162,14 @@ def _write_split(root: Path, split: str, rows: list[dict], cfg: SynthConfig) -> 
             sink.write({"__key__": r["key"], "png": r["_png"], "txt": r["short_caption"],
                         "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
     (root / "llava").mkdir(exist_ok=True)
-    for kind in ("pretrain", "instruct"):
-        with open(root / "llava" / f"{split}_{kind}.json", "w", encoding="utf-8") as f:
-            json.dump([r[f"_{kind}"] for r in rows], f, ensure_ascii=False, indent=1)
+    with open(root / "llava" / f"{split}_pretrain.json", "w", encoding="utf-8") as f:
+        json.dump([r["_pretrain"] for r in rows], f, ensure_ascii=False, indent=1)
+    _write_instruct(root, split, rows)
+
+
+def _write_instruct(root: Path, split: str, rows: list[dict]) -> None:
+    with open(root / "llava" / f"{split}_instruct.json", "w", encoding="utf-8") as f:
+        json.dump([s for r in rows for s in r["_instruct"]], f, ensure_ascii=False, indent=1)
 
 
 def _corpus_lines(train_rows: list[dict], cfg: SynthConfig) -> list[str]:
@@ -187,6 +195,25 @@ def _parallel_pairs(train_rows: list[dict]) -> list[dict]:
         pairs.append({"source": r["short_caption"], "target": r["short_caption_zh"]})
         pairs.append({"source": r["long_caption"], "target": r["long_caption_zh"]})
     return pairs
+
+
+def rewrite_llava_instruct(out_dir: str | os.PathLike, progress: bool = False) -> dict[str, int]:
+    """Rewrite only llava/{split}_instruct.json of a finished dataset, from the config in its manifest
+    (no image is rendered, no other file is touched): brings a dataset written before the instruction
+    data's current layout up to date. Returns the number of samples per split."""
+    out = Path(out_dir)
+    manifest = json.loads((out / "manifest.json").read_text())
+    cfg = SynthConfig(**manifest["config"])
+    records = _make_records(cfg, progress, render=False)
+    tmp = out / "llava.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "llava").mkdir(parents=True)
+    for split in SPLITS:
+        _write_instruct(tmp, split, records[split])
+    for split in SPLITS:  # each file is replaced whole (os.replace), never left half-written
+        os.replace(tmp / "llava" / f"{split}_instruct.json", out / "llava" / f"{split}_instruct.json")
+    shutil.rmtree(tmp)
+    return {split: sum(len(r["_instruct"]) for r in records[split]) for split in SPLITS}
 
 
 def synthesize(cfg: SynthConfig, out_dir: str | os.PathLike, *, overwrite: bool = False,
