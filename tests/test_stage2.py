@@ -205,10 +205,10 @@ def _check_ablate_parts(argv, tmp_path, world):
     variants = "clip_finetuned,llm2clip,raw_llm,no_adapter,long_only"
     parts = ["ablate", "parts", *argv[1:], "--set", "synth.enabled=false", "--variants", variants, "--seeds", "0,1"]
     assert main(parts) == 0
-    done = json.loads((tmp_path / "ablation/parts.json").read_text())
+    done = json.loads((tmp_path / "ablation/val/parts.json").read_text())
     assert done["eval_data"] == str(world / "val.jsonl")
     assert set(done["runs"]) == set(variants.split(",")) and all(set(v) == {"0", "1"} for v in done["runs"].values())
-    assert (tmp_path / "ablation/raw_llm/cache/index.json").is_file()  # the raw LLM's own cache
+    assert (tmp_path / "ablation/raw_llm/cache/index.json").is_file()  # the raw LLM's own cache, shared
     table = ablate.summarise({v: {int(s): r for s, r in runs.items()} for v, runs in done["runs"].items()})
     for per_set in table.values():
         assert set(per_set) == {"short", "long", "second_language"}
@@ -216,8 +216,8 @@ def _check_ablate_parts(argv, tmp_path, world):
             assert row["min"] <= row["mean"] <= row["max"] and len(row["seeds"]) == 2
     # two seeds train two models: the seed reaches stage 2
     assert done["runs"]["llm2clip"]["0"]["retrieval"] != done["runs"]["llm2clip"]["1"]["retrieval"] or \
-        (tmp_path / "ablation/llm2clip/seed0/model/model.safetensors").read_bytes() != \
-        (tmp_path / "ablation/llm2clip/seed1/model/model.safetensors").read_bytes()
+        (tmp_path / "ablation/val/llm2clip/seed0/model/model.safetensors").read_bytes() != \
+        (tmp_path / "ablation/val/llm2clip/seed1/model/model.safetensors").read_bytes()
     # a rerun trains nothing: every (variant, seed) is already in parts.json
     def refuse(*a, **k):
         raise AssertionError("retrained a finished ablation run")

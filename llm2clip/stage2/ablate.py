@@ -10,6 +10,7 @@ before CC fine-tuning, into a cache of its own (built once, reused).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def variant_config(config: str | None, overrides: list[str], variant: str, seed:
     if eval_data:
         sets.append(f"stage2.eval_data={eval_data}")
     if variant == "raw_llm":  # no CC adapter folder: stage 2 reads `embedder` as configured, the raw LLM
-        sets += [f"stage1.cc.out={out / 'raw_llm' / 'no-cc-adapter'}", f"cache.out={out / 'raw_llm' / 'cache'}"]
+        shared = out.parent  # one raw-LLM cache for every evaluation file
+        sets += [f"stage1.cc.out={shared / 'raw_llm' / 'no-cc-adapter'}", f"cache.out={shared / 'raw_llm' / 'cache'}"]
     cfg = load_config(config, sets)
     validate(cfg)
     return cfg
@@ -79,7 +81,8 @@ def summarise(rows: dict[str, dict[int, dict]]) -> dict:
 
 def ablate_parts(config: str | None, overrides: list[str], variants: list[str], seeds: list[int],
                  eval_data: str | None = None, progress: bool = True) -> dict:
-    """Run every (variant, seed) not already in <run.out_dir>/ablation/parts.json; returns the table."""
+    """Run every (variant, seed) not already in <run.out_dir>/ablation/<eval file's stem>/parts.json;
+    returns the table."""
     from .runs import train_data
 
     base = variant_config(config, overrides, "llm2clip", seeds[0], Path("."), None)
@@ -87,7 +90,7 @@ def ablate_parts(config: str | None, overrides: list[str], variants: list[str], 
     if not Path(eval_data).is_file():
         raise ConfigError(f"ablation evaluation data '{eval_data}' does not exist. Fix: pass --eval-data with a "
                           "held-out caption file that is not the test set (settings are chosen on val)")
-    out = Path(base.run.out_dir) / "ablation"
+    out = Path(base.run.out_dir) / "ablation" / Path(eval_data).stem
     path = out / "parts.json"
     done = json.loads(path.read_text()) if path.is_file() else {"eval_data": eval_data, "runs": {}}
     if done.get("eval_data") != eval_data:
@@ -99,10 +102,14 @@ def ablate_parts(config: str | None, overrides: list[str], variants: list[str], 
             if str(seed) in done["runs"].get(variant, {}):
                 continue
             cfg = variant_config(config, overrides, variant, seed, out, eval_data)
-            done["runs"].setdefault(variant, {})[str(seed)] = run_variant(cfg, variant, data, progress)
+            result = run_variant(cfg, variant, data, progress)
+            # re-read before writing: another invocation on other variants may have added its runs
+            done = json.loads(path.read_text()) if path.is_file() else done
+            done["runs"].setdefault(variant, {})[str(seed)] = result
             out.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(done, indent=1) + "\n")
             tmp.replace(path)  # a killed ablation keeps every finished run
+    done = json.loads(path.read_text())
     runs = {v: {int(s): r for s, r in done["runs"][v].items() if int(s) in seeds} for v in variants}
     return {"eval_data": eval_data, "seeds": seeds, "r1": summarise(runs), "written": str(path)}
