@@ -208,6 +208,7 @@ def _check_ablate_parts(argv, tmp_path, world):
     done = json.loads((tmp_path / "ablation/val/parts.json").read_text())
     assert done["eval_data"] == str(world / "val.jsonl")
     assert set(done["runs"]) == set(variants.split(",")) and all(set(v) == {"0", "1"} for v in done["runs"].values())
+    assert all(r["train_seconds"] > 0 for v in done["runs"].values() for r in v.values())
     assert (tmp_path / "ablation/raw_llm/cache/index.json").is_file()  # the raw LLM's own cache, shared
     table = ablate.summarise({v: {int(s): r for s, r in runs.items()} for v, runs in done["runs"].items()})
     for per_set in table.values():
