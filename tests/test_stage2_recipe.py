@@ -11,8 +11,9 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMode
 from llm2clip.config import load_config
 from llm2clip.errors import ConfigError
 from llm2clip.model import LLM2CLIP, ModelConfig
+from llm2clip.stage2.optim import _side, make_optimizer, vision_layer_id, vision_tower
 from llm2clip.stage2.runs import VisionConfig, prepare_vision
-from llm2clip.stage2.train import TrainConfig, _optimizer, _side, vision_layer_id, vision_tower
+from llm2clip.stage2.train import TrainConfig
 
 LAYERS, LLM_DIM, DECAY, LR, TEXT_LR = 3, 12, 0.5, 1e-3, 2e-3
 PRESET = "configs/llama3-8b_clip-vit-l14-336.yaml"
@@ -66,7 +67,7 @@ def _expected_clip_lr(name: str) -> float:
 
 def test_layer_decay_gives_each_clip_vision_parameter_its_layers_lr_through_the_first_steps():
     model = _llm2clip()
-    optimizer, scheduler = _optimizer(model, _cfg(layer_decay=DECAY))
+    optimizer, scheduler = make_optimizer(model, _cfg(layer_decay=DECAY))
     got = _lr_by_name(model, optimizer)
     names = {_plain(n) for n in got}
     assert {"vision.embeddings.class_embedding", "vision.embeddings.patch_embedding.weight",
@@ -113,7 +114,7 @@ def test_siglip_names_the_baseline_clip_and_knowledge_heads():
             self.heads = nn.ModuleDict({"distill": nn.Linear(8, 4)})
 
     model = Baseline()
-    optimizer, _ = _optimizer(model, _cfg(layer_decay=DECAY, head_lr=3e-3), "knowledge_clip.train")
+    optimizer, _ = make_optimizer(model, _cfg(layer_decay=DECAY, head_lr=3e-3), "knowledge_clip.train")
     for name, lr in _lr_by_name(model, optimizer).items():
         if name.startswith(("clip.text_model.", "clip.text_projection.")):  # the text tower: no layer decay
             assert lr == TEXT_LR, name
@@ -128,7 +129,7 @@ def test_siglip_names_the_baseline_clip_and_knowledge_heads():
 def test_vision_lora_and_frozen_layers_keep_their_layer_ids():
     model = _llm2clip()
     model.vision = prepare_vision(model.vision, VisionConfig(lora=True, lora_r=2))
-    got = _lr_by_name(model, _optimizer(model, _cfg(layer_decay=DECAY))[0])
+    got = _lr_by_name(model, make_optimizer(model, _cfg(layer_decay=DECAY))[0])
     lora = [n for n in got if "lora_" in n]
     assert lora and all(_plain(n).startswith("vision.base_model.model.encoder.layers.") for n in lora)
     for name in lora:  # the frozen base weights still count: 3 layers, not 0
@@ -137,7 +138,7 @@ def test_vision_lora_and_frozen_layers_keep_their_layer_ids():
 
     model = _llm2clip()
     model.vision = prepare_vision(model.vision, VisionConfig(freeze_layers=1))
-    got = _lr_by_name(model, _optimizer(model, _cfg(layer_decay=DECAY))[0])
+    got = _lr_by_name(model, make_optimizer(model, _cfg(layer_decay=DECAY))[0])
     assert not any(".embeddings." in n or ".layers.0." in n or "pre_layrnorm" in n for n in got)
     for name, lr in got.items():
         assert lr == pytest.approx(_expected_clip_lr(name), rel=1e-12), name
@@ -157,15 +158,15 @@ def _groups_before_issue_20(model: nn.Module, cfg: TrainConfig) -> list[tuple]:
 
 def test_layer_decay_one_leaves_the_groups_as_they_were():
     model, cfg = _llm2clip(), _cfg()
-    optimizer, _ = _optimizer(model, cfg)
+    optimizer, _ = make_optimizer(model, cfg)
     got = [([id(p) for p in g["params"]], g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
     assert got == _groups_before_issue_20(model, cfg)
 
 
 def test_betas_and_eps_reach_adamw():
-    optimizer, _ = _optimizer(_llm2clip(), _cfg())
+    optimizer, _ = make_optimizer(_llm2clip(), _cfg())
     assert all(g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 for g in optimizer.param_groups)  # the official's
-    optimizer, _ = _optimizer(_llm2clip(), _cfg(adam_betas=[0.9, 0.98], adam_eps=1e-6, layer_decay=0.8))
+    optimizer, _ = make_optimizer(_llm2clip(), _cfg(adam_betas=[0.9, 0.98], adam_eps=1e-6, layer_decay=0.8))
     assert isinstance(optimizer, torch.optim.AdamW) and len(optimizer.param_groups) > 4
     assert all(g["betas"] == (0.9, 0.98) and g["eps"] == 1e-6 for g in optimizer.param_groups)
 
@@ -186,7 +187,7 @@ def test_bad_values_are_refused_naming_the_key(override, key):
 
 def test_layer_decay_without_a_vision_tower_is_refused():
     with pytest.raises(ConfigError, match=r"stage2\.llm2clip\.layer_decay.*found 0.*Fix"):
-        _optimizer(nn.Linear(4, 4), _cfg(layer_decay=0.9))
+        make_optimizer(nn.Linear(4, 4), _cfg(layer_decay=0.9))
 
 
 
