@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llm2clip.errors import ConfigError
 from llm2clip.losses import caption_contrastive_loss
 from llm2clip.stage1.cra import caption_retrieval_accuracy
 from llm2clip.stage1.mntp import mntp_loss
@@ -208,3 +209,36 @@ def test_mixed_directions_start_at_mixed_from_batch_and_survive_resume():
     second.set_state(first.state())
     assert [[p.query for p in first.batch(16)] for _ in range(20)] == \
         [[p.query for p in second.batch(16)] for _ in range(20)]
+
+
+def test_short_long_from_batch_stops_other_kinds_and_survives_resume():
+    from llm2clip import instructions
+    from llm2clip.stage1.pairs import CaptionGroup, PairSampler
+
+    groups = [CaptionGroup(f"short {i}", [f"long {i} a", f"long {i} b"]) for i in range(40)]
+    pairs = [(f"en {i}", f"zh {i}") for i in range(40)]
+    short_long = {instructions.SHORT_TO_LONG, instructions.LONG_TO_SHORT}
+
+    def sampler():
+        return PairSampler(groups, pairs, long_long_fraction=0.5, translation_fraction=0.5, seed=0,
+                           short_long_from_batch=25)
+
+    one = sampler()
+    batches = [one.batch(8) for _ in range(60)]
+    assert any({p.instruction for p in b} - short_long for b in batches[:25])  # other kinds before the switch
+    assert all({p.instruction for p in b} <= short_long for b in batches[25:])
+    assert all(p.query.startswith(("short", "long")) for b in batches[25:] for p in b)
+    first, second = sampler(), sampler()
+    for _ in range(20):
+        first.batch(8)
+    second.set_state(first.state())
+    assert [[p.query for p in first.batch(8)] for _ in range(20)] == \
+        [[p.query for p in second.batch(8)] for _ in range(20)]
+
+
+def test_short_long_from_step_is_validated():
+    from llm2clip.stage1.cc import CCConfig
+
+    with pytest.raises(ConfigError, match="short_long_from_step"):
+        CCConfig(steps=100, short_long_from_step=200).validate()
+    CCConfig(steps=100, short_long_from_step=100).validate()

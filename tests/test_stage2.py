@@ -227,6 +227,21 @@ def _check_ablate_parts(argv, tmp_path, world):
         assert main(parts) == 0
     finally:
         ablate.run_variant = kept
+    # a stored run trained from other inputs (here: another stage-1 embedder) is trained again, alone
+    path = tmp_path / "ablation/val/parts.json"
+    done["runs"]["llm2clip"]["1"]["inputs"]["embedder"]["adapters"] = ["an older adapter"]
+    path.write_text(json.dumps(done))
+    calls = []
+    def counted(cfg, variant, *a, **k):
+        calls.append((variant, cfg.run.seed))
+        return kept(cfg, variant, *a, **k)
+    ablate.run_variant = counted
+    try:
+        assert main(parts) == 0
+    finally:
+        ablate.run_variant = kept
+    assert calls == [("llm2clip", 1)]
+    assert json.loads(path.read_text())["runs"]["llm2clip"]["1"]["inputs"] == done["runs"]["llm2clip"]["0"]["inputs"]
 
 
 def test_missing_cache_entries_are_skipped_and_counted_or_named_in_strict_mode():

@@ -73,15 +73,16 @@ class PairSampler:
 
     def __init__(self, groups: list[CaptionGroup], text_pairs: list[tuple[str, str]], *, long_long_fraction: float,
                  translation_fraction: float, seed: int, task_seed: int | None = None, text_pair_buckets: int = 4,
-                 mixed_directions: bool = True, mixed_from_batch: int = 0):
+                 mixed_directions: bool = True, mixed_from_batch: int = 0, short_long_from_batch: int | None = None):
         """`seed` draws the samples (the same on every rank: each trains on its slice of a global batch);
         `task_seed` draws each batch's kind and direction and must be equal on every rank, because
         negatives are gathered across ranks. `long_long_fraction`: share of caption batches pairing two
         long paraphrases (the rest pair short with long). `mixed_directions`: each row draws its own
         direction (LLM2CLIP's E5_cc3m.py) from batch `mixed_from_batch` on; before it, and without it,
-        one direction per batch."""
+        one direction per batch. From batch `short_long_from_batch` on, every batch pairs short with long."""
         self.groups = groups
         self.mixed_directions, self.mixed_from_batch, self.batches_drawn = mixed_directions, mixed_from_batch, 0
+        self.short_long_from_batch = short_long_from_batch
         self.rng = random.Random(seed)
         self.task_rng = random.Random(seed if task_seed is None else task_seed)
         # Text pairs come in length buckets, one bucket per batch: a batch mixing words and paragraphs
@@ -114,6 +115,8 @@ class PairSampler:
         """One kind per batch. The direction is drawn per row with `mixed_directions`, else once per
         batch (every query then shares its instruction and the candidates are all of one kind)."""
         kind = self.task_rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
+        if self.short_long_from_batch is not None and self.batches_drawn >= self.short_long_from_batch:
+            kind = "short_long"
         forward = self.task_rng.random() < 0.5
         mixed = self.mixed_directions and self.batches_drawn >= self.mixed_from_batch
         self.batches_drawn += 1

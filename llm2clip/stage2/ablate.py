@@ -52,6 +52,19 @@ def variant_config(config: str | None, overrides: list[str], variant: str, seed:
     return cfg
 
 
+def variant_inputs(cfg, variant: str) -> dict:
+    """What a finished run was trained from: the pretrained CLIP and, for LLM2CLIP variants, the stage-1
+    embedder's fingerprint. A stored run whose inputs differ (stage 1 retrained, say) is run again."""
+    from ..cache import fingerprint
+    from ..cache.base import content_hash
+    from .runs import pretrained_clip_folder, stage2_embedder_config
+
+    inputs = {"start": content_hash(pretrained_clip_folder(cfg))}
+    if variant != "clip_finetuned":
+        inputs["embedder"] = fingerprint(stage2_embedder_config(cfg), cfg.cache.dtype)
+    return json.loads(json.dumps(inputs))
+
+
 def run_variant(cfg, variant: str, data, progress: bool) -> dict:
     """Train one variant at cfg.run.seed and evaluate it on cfg.stage2.eval_data."""
     from .evaluate import run_eval
@@ -66,7 +79,7 @@ def run_variant(cfg, variant: str, data, progress: bool) -> dict:
     (run_clip_finetune if model == "clip_finetuned" else run_llm2clip)(cfg, data, progress)
     seconds = round(time.perf_counter() - start, 1)
     result = run_eval(cfg, progress=False, models=(model,), plots=False)
-    return {"train_seconds": seconds, "retrieval": result["retrieval"][model]}
+    return {"train_seconds": seconds, "retrieval": result["retrieval"][model], "inputs": variant_inputs(cfg, variant)}
 
 
 def summarise(rows: dict[str, dict[int, dict]]) -> dict:
@@ -102,9 +115,13 @@ def ablate_parts(config: str | None, overrides: list[str], variants: list[str], 
     data = train_data(base, progress)  # the training split is the same for every variant and seed
     for variant in variants:
         for seed in seeds:
-            if str(seed) in done["runs"].get(variant, {}):
-                continue
             cfg = variant_config(config, overrides, variant, seed, out, eval_data)
+            stored = done["runs"].get(variant, {}).get(str(seed))
+            if stored is not None and stored.get("inputs") == variant_inputs(cfg, variant):
+                continue
+            if stored is not None and progress:
+                print(f"[ablate] {variant} seed {seed}: stored run has other inputs (stage 1 or the pretrained CLIP "
+                      "changed), running it again", flush=True)
             result = run_variant(cfg, variant, data, progress)
             # re-read before writing: another invocation on other variants may have added its runs
             done = json.loads(path.read_text()) if path.is_file() else done
