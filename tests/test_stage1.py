@@ -211,34 +211,34 @@ def test_mixed_directions_start_at_mixed_from_batch_and_survive_resume():
         [[p.query for p in second.batch(16)] for _ in range(20)]
 
 
-def test_short_long_from_batch_stops_other_kinds_and_survives_resume():
+def test_short_long_from_batch_ends_long_long_batches_and_survives_resume():
     from llm2clip import instructions
     from llm2clip.stage1.pairs import CaptionGroup, PairSampler
 
     groups = [CaptionGroup(f"short {i}", [f"long {i} a", f"long {i} b"]) for i in range(40)]
     pairs = [(f"en {i}", f"zh {i}") for i in range(40)]
-    short_long = {instructions.SHORT_TO_LONG, instructions.LONG_TO_SHORT}
 
     def sampler():
         return PairSampler(groups, pairs, long_long_fraction=0.5, translation_fraction=0.5, seed=0,
-                           short_long_from_batch=25)
+                           short_long_from_batch=40)
 
     one = sampler()
-    batches = [one.batch(8) for _ in range(60)]
-    assert any({p.instruction for p in b} - short_long for b in batches[:25])  # other kinds before the switch
-    assert all({p.instruction for p in b} <= short_long for b in batches[25:])
-    assert all(p.query.startswith(("short", "long")) for b in batches[25:] for p in b)
+    kinds = [{p.instruction for p in one.batch(8)} for _ in range(200)]
+    long_long, translation = {instructions.LONG_TO_LONG}, {instructions.TRANSLATION}
+    assert sum(k == long_long for k in kinds[:40]) >= 5  # a quarter of the batches before the switch
+    assert not any(k == long_long for k in kinds[40:])  # none after it: those batches pair short with long
+    assert 60 <= sum(k == translation for k in kinds[40:]) <= 100  # text pairs keep their half
     first, second = sampler(), sampler()
     for _ in range(20):
         first.batch(8)
     second.set_state(first.state())
-    assert [[p.query for p in first.batch(8)] for _ in range(20)] == \
-        [[p.query for p in second.batch(8)] for _ in range(20)]
+    assert [[p.query for p in first.batch(8)] for _ in range(40)] == \
+        [[p.query for p in second.batch(8)] for _ in range(40)]
 
 
 def test_short_long_from_step_is_validated():
     from llm2clip.stage1.cc import CCConfig
 
     with pytest.raises(ConfigError, match="short_long_from_step"):
-        CCConfig(steps=100, short_long_from_step=200).validate()
-    CCConfig(steps=100, short_long_from_step=100).validate()
+        CCConfig(steps=100, short_long_from_step=-1).validate()
+    CCConfig(steps=100, short_long_from_step=200).validate()  # past the last step: never, as mixed_from_step

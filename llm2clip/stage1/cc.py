@@ -35,7 +35,7 @@ class CCConfig:
     long_long_fraction: float = 0.0  # share of caption batches pairing two long paraphrases (rest: short<->long)
     mixed_directions: bool = True  # draw short->long / long->short per row, as LLM2CLIP's E5_cc3m.py
     mixed_from_step: int = 0  # per-row directions from this step on; one direction per batch before it
-    short_long_from_step: int | None = None  # from this step on every batch pairs short with long (null: never)
+    short_long_from_step: int | None = None  # caption batches pair short with long only from this step (null: never)
     hard_negatives: bool = True
     scale: float = 50.0  # logit scale of the cosine similarities
     steps: int = 200
@@ -63,8 +63,8 @@ class CCConfig:
             raise ConfigError("stage1.cc.translation_fraction must be in [0, 1)")
         if self.mixed_from_step < 0:
             raise ConfigError("stage1.cc.mixed_from_step must be >= 0 (0: per-row directions from the start)")
-        if self.short_long_from_step is not None and not 0 <= self.short_long_from_step <= self.steps:
-            raise ConfigError("stage1.cc.short_long_from_step must be null or a step in [0, stage1.cc.steps]")
+        if self.short_long_from_step is not None and self.short_long_from_step < 0:
+            raise ConfigError("stage1.cc.short_long_from_step must be null or >= 0 (0: short<->long from the start)")
         if not 0.0 <= self.long_long_fraction <= 1.0:
             raise ConfigError("stage1.cc.long_long_fraction must be in [0, 1]")
         if self.lr_schedule not in ("cosine", "linear", "constant"):

@@ -79,7 +79,8 @@ class PairSampler:
         negatives are gathered across ranks. `long_long_fraction`: share of caption batches pairing two
         long paraphrases (the rest pair short with long). `mixed_directions`: each row draws its own
         direction (LLM2CLIP's E5_cc3m.py) from batch `mixed_from_batch` on; before it, and without it,
-        one direction per batch. From batch `short_long_from_batch` on, every batch pairs short with long."""
+        one direction per batch. From batch `short_long_from_batch` on, caption batches pair short with
+        long only (text pairs keep their share)."""
         self.groups = groups
         self.mixed_directions, self.mixed_from_batch, self.batches_drawn = mixed_directions, mixed_from_batch, 0
         self.short_long_from_batch = short_long_from_batch
@@ -114,9 +115,10 @@ class PairSampler:
     def batch(self, size: int) -> list[Pair]:
         """One kind per batch. The direction is drawn per row with `mixed_directions`, else once per
         batch (every query then shares its instruction and the candidates are all of one kind)."""
-        kind = self.task_rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
+        kinds = self.kinds
         if self.short_long_from_batch is not None and self.batches_drawn >= self.short_long_from_batch:
-            kind = "short_long"
+            kinds = {**kinds, "short_long": kinds["short_long"] + kinds["long_long"], "long_long": 0.0}
+        kind = self.task_rng.choices(list(kinds), weights=list(kinds.values()))[0]
         forward = self.task_rng.random() < 0.5
         mixed = self.mixed_directions and self.batches_drawn >= self.mixed_from_batch
         self.batches_drawn += 1

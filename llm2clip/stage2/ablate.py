@@ -13,6 +13,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -53,13 +54,14 @@ def variant_config(config: str | None, overrides: list[str], variant: str, seed:
 
 
 def variant_inputs(cfg, variant: str) -> dict:
-    """What a finished run was trained from: the pretrained CLIP and, for LLM2CLIP variants, the stage-1
-    embedder's fingerprint. A stored run whose inputs differ (stage 1 retrained, say) is run again."""
+    """What a finished run was trained from: the pretrained CLIP, the stage-2 settings and, for LLM2CLIP
+    variants, the stage-1 embedder's fingerprint. A stored run whose inputs differ (stage 1 retrained, an
+    override added) is run again."""
     from ..cache import fingerprint
     from ..cache.base import content_hash
     from .runs import pretrained_clip_folder, stage2_embedder_config
 
-    inputs = {"start": content_hash(pretrained_clip_folder(cfg))}
+    inputs = {"start": content_hash(pretrained_clip_folder(cfg)), "stage2": asdict(cfg.stage2)}
     if variant != "clip_finetuned":
         inputs["embedder"] = fingerprint(stage2_embedder_config(cfg), cfg.cache.dtype)
     return json.loads(json.dumps(inputs))
