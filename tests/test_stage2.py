@@ -231,6 +231,8 @@ def _check_ablate_parts(argv, tmp_path, world):
     path = tmp_path / "ablation/val/parts.json"
     done["runs"]["llm2clip"]["1"]["inputs"]["embedder"]["adapters"] = ["an older adapter"]
     path.write_text(json.dumps(done))
+    stamp = tmp_path / "ablation/val/llm2clip/seed1/inputs.json"  # the run folder was that setup's too
+    stamp.write_text(json.dumps(done["runs"]["llm2clip"]["1"]["inputs"]))
     calls = []
     def counted(cfg, variant, *a, **k):
         calls.append((variant, cfg.run.seed))
@@ -241,7 +243,10 @@ def _check_ablate_parts(argv, tmp_path, world):
     finally:
         ablate.run_variant = kept
     assert calls == [("llm2clip", 1)]
-    assert json.loads(path.read_text())["runs"]["llm2clip"]["1"]["inputs"] == done["runs"]["llm2clip"]["0"]["inputs"]
+    # trained again from step 0: the old run's final checkpoint was another setup's, so it was not resumed
+    assert json.loads((tmp_path / "ablation/val/llm2clip/seed1/summary.json").read_text())["resumed_from"] == 0
+    rerun = json.loads(path.read_text())["runs"]["llm2clip"]["1"]["inputs"]
+    assert rerun["embedder"] == done["runs"]["llm2clip"]["0"]["inputs"]["embedder"]  # stamped with today's inputs
 
 
 def test_missing_cache_entries_are_skipped_and_counted_or_named_in_strict_mode():

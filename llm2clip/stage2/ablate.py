@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import time
 from dataclasses import asdict
@@ -67,6 +68,17 @@ def variant_inputs(cfg, variant: str) -> dict:
     return json.loads(json.dumps(inputs))
 
 
+def _stamp_run_dir(cfg, variant: str) -> None:
+    """Checkpoints left in the run's folder resume it only when they were made from these inputs (a
+    killed ablation); another setup's (stage 1 retrained, an override changed) are removed first."""
+    run_dir = Path(cfg.stage2.llm2clip.out)
+    stamp, inputs = run_dir / "inputs.json", variant_inputs(cfg, variant)
+    if run_dir.exists() and (not stamp.is_file() or json.loads(stamp.read_text()) != inputs):
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(inputs, indent=1) + "\n")
+
+
 def run_variant(cfg, variant: str, data, progress: bool) -> dict:
     """Train one variant at cfg.run.seed and evaluate it on cfg.stage2.eval_data."""
     from .evaluate import run_eval
@@ -77,6 +89,7 @@ def run_variant(cfg, variant: str, data, progress: bool) -> dict:
 
         build_cache(cfg.cache, embedder_config(cfg), cfg.data, progress=progress)
     model = "clip_finetuned" if variant == "clip_finetuned" else "llm2clip"
+    _stamp_run_dir(cfg, variant)
     start = time.perf_counter()
     (run_clip_finetune if model == "clip_finetuned" else run_llm2clip)(cfg, data, progress)
     seconds = round(time.perf_counter() - start, 1)
