@@ -193,6 +193,27 @@ def test_main_job_end_to_end_micro_run(world, tmp_path):
     assert (tmp_path / "results.json").read_text() == main_results
     assert json.loads((tmp_path / "again.json").read_text())["retrieval"] == results["retrieval"]
     _check_ablate_parts(argv, tmp_path, world)
+    _check_ablate_online(argv, tmp_path)
+
+
+def _check_ablate_online(argv, tmp_path):
+    """`llm2clip ablate online`: cached vs live vectors, same recipe; a rerun after the setup changed
+    trains from step 0 instead of resuming the earlier setup's final checkpoint."""
+    import json
+
+    from llm2clip.cli import main
+
+    online = ["ablate", "online", *argv[1:], "--set", "synth.enabled=false"]
+    assert main(online) == 0
+    path = tmp_path / "ablation/online_vs_offline.json"
+    first = json.loads(path.read_text())
+    assert set(first["offline"]["retrieval"]) == {"short", "long", "second_language"}
+    assert first["offline"]["train"]["resumed_from"] == 0 and first["online"]["train"]["resumed_from"] == 0
+    (tmp_path / "ablation/offline/inputs.json").write_text("{}")  # as if stage 1 had changed since
+    assert main(online) == 0
+    again = json.loads(path.read_text())
+    assert again["offline"]["train"]["resumed_from"] == 0
+    assert again["offline"]["retrieval"] == first["offline"]["retrieval"]  # same inputs, same seed
 
 
 def _check_ablate_parts(argv, tmp_path, world):

@@ -68,7 +68,7 @@ def variant_inputs(cfg, variant: str) -> dict:
     return json.loads(json.dumps(inputs))
 
 
-def _stamp_run_dir(cfg, variant: str) -> None:
+def stamp_run_dir(cfg, variant: str) -> None:
     """Checkpoints left in the run's folder resume it only when they were made from these inputs (a
     killed ablation); another setup's (stage 1 retrained, an override changed) are removed first."""
     run_dir = Path(cfg.stage2.llm2clip.out)
@@ -89,7 +89,7 @@ def run_variant(cfg, variant: str, data, progress: bool) -> dict:
 
         build_cache(cfg.cache, embedder_config(cfg), cfg.data, progress=progress)
     model = "clip_finetuned" if variant == "clip_finetuned" else "llm2clip"
-    _stamp_run_dir(cfg, variant)
+    stamp_run_dir(cfg, variant)
     start = time.perf_counter()
     (run_clip_finetune if model == "clip_finetuned" else run_llm2clip)(cfg, data, progress)
     seconds = round(time.perf_counter() - start, 1)

@@ -105,6 +105,7 @@ def _export(args) -> int:
 
 def _ablate_online(args) -> int:
     """Offline (cached) vs online (live LLM) LLM2CLIP, same recipe; reports R@1 per caption set."""
+    from .ablate import stamp_run_dir
     from .evaluate import run_eval
     from .runs import run_llm2clip, train_data
 
@@ -116,6 +117,7 @@ def _ablate_online(args) -> int:
         run_dir = str(Path(cfg.run.out_dir) / "ablation" / mode)
         run_cfg = replace(cfg, stage2=replace(cfg.stage2, online=mode == "online",
                                               llm2clip=replace(cfg.stage2.llm2clip, out=run_dir)))
+        stamp_run_dir(run_cfg, "llm2clip")  # an earlier setup's checkpoints are removed, not resumed
         train = run_llm2clip(run_cfg, images, progress)
         result = run_eval(run_cfg, progress=False, models=("llm2clip",), plots=False)
         out[mode] = {"train": train, "retrieval": result["retrieval"]["llm2clip"]}
