@@ -202,13 +202,17 @@ def test_mixed_directions_start_at_mixed_from_batch_and_survive_resume():
     one = sampler()
     kinds = [len({p.instruction for p in one.batch(16)}) for _ in range(60)]
     assert kinds[:30] == [1] * 30 and sum(k == 2 for k in kinds[30:]) >= 28
-    # a resumed sampler (state saved at batch 20) draws the same batches, switching at the same one
-    first, second = sampler(), sampler()
-    for _ in range(20):
-        first.batch(16)
+    _assert_resumes_identically(sampler, batch=16, saved_at=20, then=20)  # switching at the same batch
+
+
+def _assert_resumes_identically(make_sampler, batch: int, saved_at: int, then: int) -> None:
+    """A sampler restored from another's state at batch `saved_at` draws the same next batches."""
+    first, second = make_sampler(), make_sampler()
+    for _ in range(saved_at):
+        first.batch(batch)
     second.set_state(first.state())
-    assert [[p.query for p in first.batch(16)] for _ in range(20)] == \
-        [[p.query for p in second.batch(16)] for _ in range(20)]
+    assert [[p.query for p in first.batch(batch)] for _ in range(then)] == \
+        [[p.query for p in second.batch(batch)] for _ in range(then)]
 
 
 def test_short_long_from_batch_ends_long_long_batches_and_survives_resume():
@@ -228,12 +232,7 @@ def test_short_long_from_batch_ends_long_long_batches_and_survives_resume():
     assert sum(k == long_long for k in kinds[:40]) >= 5  # a quarter of the batches before the switch
     assert not any(k == long_long for k in kinds[40:])  # none after it: those batches pair short with long
     assert 60 <= sum(k == translation for k in kinds[40:]) <= 100  # text pairs keep their half
-    first, second = sampler(), sampler()
-    for _ in range(20):
-        first.batch(8)
-    second.set_state(first.state())
-    assert [[p.query for p in first.batch(8)] for _ in range(40)] == \
-        [[p.query for p in second.batch(8)] for _ in range(40)]
+    _assert_resumes_identically(sampler, batch=8, saved_at=20, then=40)  # across the switch
 
 
 def test_short_long_from_step_is_validated():
