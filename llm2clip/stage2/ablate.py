@@ -135,8 +135,8 @@ def ablate_parts(config: str | None, overrides: list[str], variants: list[str], 
             if stored is not None and stored.get("inputs") == variant_inputs(cfg, variant):
                 continue
             if stored is not None and progress:
-                print(f"[ablate] {variant} seed {seed}: stored run has other inputs (stage 1 or the pretrained CLIP "
-                      "changed), running it again", flush=True)
+                print(f"[ablate] {variant} seed {seed}: stored run has other inputs (stage 1, the pretrained CLIP "
+                      "or the stage-2 settings changed), running it again", flush=True)
             result = run_variant(cfg, variant, data, progress)
             # re-read before writing: another invocation on other variants may have added its runs
             done = json.loads(path.read_text()) if path.is_file() else done
