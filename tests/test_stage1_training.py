@@ -133,6 +133,7 @@ def test_stage1_cli_end_to_end_raises_cra(world, tmp_path):
         "stage1.mntp.enabled=true", f"stage1.mntp.text={d}/corpus.txt", "stage1.mntp.steps=5",
         "stage1.mntp.batch_size=8", f"stage1.cc.data={d}/train.jsonl", f"stage1.cc.text_pairs={d}/parallel.jsonl",
         "stage1.cc.steps=80", "stage1.cc.batch_size=12", "stage1.cc.lr=5e-4", "stage1.cc.warmup_steps=4",
+        "stage1.cc.lr_schedule=constant",  # the budget this test was sized with; the preset decays linearly
         "stage1.cc.translation_fraction=0.2", "stage1.cc.long_long_fraction=0.5",
         "stage1.cc.gradient_checkpointing=false", f"stage1.cra_data={d}/train.jsonl", "embedder.max_length=160",
     ]
