@@ -164,3 +164,17 @@ def test_existing_dataset_is_reused_or_refused(tmp_path):
         synthesize(cfg, tmp_path / "d", progress=False)
     synthesize(cfg, tmp_path / "d", overwrite=True, progress=False)
     assert not (tmp_path / "d.partial").exists()
+
+
+def test_text_images_limits_the_llm_text_to_the_first_train_rows(tmp_path, world):
+    cfg = SynthConfig(num_images=60, image_size=32, shard_size=16, text_images=10)
+    synthesize(cfg, tmp_path / "t", progress=False)
+    t, train = tmp_path / "t", _rows(world, "train")  # `world` is the same config without text_images
+    assert _rows(t, "train") == train  # stage 2 still trains on every train image
+    assert _rows(t, "stage1_train") == train[:10] and _rows(world, "stage1_train") == train
+    corpus = set((t / "corpus.txt").read_text(encoding="utf-8").splitlines())
+    assert train[9]["long_caption"] in corpus and train[10]["long_caption"] not in corpus
+    sources = {json.loads(line)["source"] for line in (t / "parallel.jsonl").read_text().splitlines()}
+    assert train[9]["short_caption"] in sources and train[10]["long_caption"] not in sources
+    with pytest.raises(ConfigError, match=r"synth\.text_images must be null or between 1 and the 48"):
+        SynthConfig(num_images=60, text_images=49).validate()

@@ -11,6 +11,8 @@ Layout of `out_dir` (every file is a pure function of the config: same seed, sam
     corpus.txt                      text for pretraining a tiny LM (train captions + world sentences)
     parallel.jsonl                  English/Chinese text pairs {source, target} for stage-1 text pairs
     tokenizer/                      byte-level BPE trained on corpus.txt (HF files)
+    stage1_train.jsonl              the train rows whose captions the three files above and stage-1 CC
+                                    read: the first `text_images` (all by default)
     manifest.json                   config, counts and splits; its presence marks a finished dataset
 
 The dataset is built in a sibling temporary folder and renamed into place, so a killed run never
@@ -58,6 +60,9 @@ class SynthConfig:
     shard_size: int = 500  # samples per webdataset shard
     vocab_size: int = 2048  # BPE vocabulary of the trained tokenizer
     code_switch: float = 0.5  # corpus: share of world words swapped into the other language (0 = off)
+    # train images whose captions are the LLM's text (corpus, tokenizer, parallel pairs, stage1_train.jsonl);
+    # null: all. As in the paper, stage 1 can use fewer captions than stage 2 has images
+    text_images: int | None = None
 
     def validate(self) -> None:
         checks = [
@@ -73,6 +78,8 @@ class SynthConfig:
             (self.split_sizes()["train"] >= 1,
              f"synth: val and test take all {self.num_images} images; lower synth.val_images/test_images "
              "or raise synth.num_images"),
+            (self.text_images is None or 1 <= self.text_images <= self.split_sizes()["train"],
+             f"synth.text_images must be null or between 1 and the {self.split_sizes()['train']} train images"),
             (self.shard_size >= 1, "synth.shard_size must be >= 1"),
             (self.vocab_size >= 300, "synth.vocab_size must be >= 300 (256 bytes + specials + merges)"),
         ]
@@ -134,6 +141,12 @@ def _public(record: dict) -> dict:
     return {k: v for k, v in record.items() if not k.startswith("_")}
 
 
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(_public(r), ensure_ascii=False) + "\n")
+
+
 def _write_split(root: Path, split: str, rows: list[dict], cfg: SynthConfig) -> None:
     import webdataset as wds
 
@@ -143,9 +156,7 @@ def _write_split(root: Path, split: str, rows: list[dict], cfg: SynthConfig) -> 
         image.write_bytes(r["_png"])
         image.with_suffix(".txt").write_text(r["short_caption"], encoding="utf-8")
         image.with_suffix(".json").write_text(json.dumps(_public(r), ensure_ascii=False), encoding="utf-8")
-    with open(root / f"{split}.jsonl", "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(_public(r), ensure_ascii=False) + "\n")
+    _write_jsonl(root / f"{split}.jsonl", rows)
     columns = list(_public(rows[0]))
     with open(root / f"{split}.csv", "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -240,10 +251,12 @@ def synthesize(cfg: SynthConfig, out_dir: str | os.PathLike, *, overwrite: bool 
     records = _make_records(cfg, progress)
     for split in SPLITS:
         _write_split(tmp, split, records[split], cfg)
-    corpus = _corpus_lines(records["train"], cfg)
+    text_rows = records["train"][:cfg.text_images]  # None: every train row
+    _write_jsonl(tmp / "stage1_train.jsonl", text_rows)
+    corpus = _corpus_lines(text_rows, cfg)
     (tmp / "corpus.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
     with open(tmp / "parallel.jsonl", "w", encoding="utf-8") as f:
-        for pair in _parallel_pairs(records["train"]):
+        for pair in _parallel_pairs(text_rows):
             f.write(json.dumps(pair, ensure_ascii=False) + "\n")
     train_tokenizer(corpus, tmp / "tokenizer", vocab_size=cfg.vocab_size)
     manifest = {**wanted, "splits": {s: len(records[s]) for s in SPLITS},
