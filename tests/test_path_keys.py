@@ -56,6 +56,7 @@ def test_run_checks_every_path_key_before_any_work(tmp_path, world, key, capsys)
     value = "[/nowhere/x.jsonl]" if key == "cache.data" else "/nowhere/x.jsonl"
     argv = ["run", "--config", "configs/tiny.yaml", "--no-progress", "--set", f"run.out_dir={tmp_path}",
             "--set", "synth.enabled=false", "--set", f"data.path={world}/train.jsonl",
+            "--set", f"stage1.cc.data={world}/stage1_train.jsonl",
             "--set", f"stage1.cc.text_pairs={world}/parallel.jsonl", "--set", f"stage1.cra_data={world}/test.jsonl",
             "--set", f"cache.data=[{world}/train.jsonl]", "--set", f"stage2.eval_data={world}/test.jsonl",
             "--set", f"{key}={value}"]
