@@ -47,16 +47,17 @@ def as_percent_table(metrics: dict[str, float], ks: Sequence[int] = (1, 5, 10)) 
 # A split is anything with `batches(batch_size)` -> {"pixels" [b, 3, H, W], "keys", "captions" (field -> text)}
 # in a fixed order, and `pixels_at(indices)` [n, 3, H, W]: an in-memory ImageSet, or a streamed split that
 # never holds more than a few batches of pixels.
-def retrieval_sets(keys: list[str], captions: list[dict[str, str]], sets: dict[str, list[str]]
+def retrieval_sets(keys: list[str], captions: list[dict[str, str]], sets: dict[str, list[str] | None]
                    ) -> dict[str, tuple[list[str], list, torch.Tensor]]:
-    """Per set: (keys, captions, text_to_image) over every caption of the listed fields that exists."""
+    """Per set: (keys, captions, text_to_image) over every caption of the listed fields that exists
+    (fields None: every caption of each image, as benchmarks with several captions per image have)."""
     from .stage2.data import Caption
 
     out = {}
     for name, fields in sets.items():
         set_keys, set_captions, owner = [], [], []
         for i, (key, caps) in enumerate(zip(keys, captions, strict=True)):
-            for f in fields:
+            for f in (caps if fields is None else fields):
                 if f in caps:
                     set_keys.append(key)
                     set_captions.append(Caption(f, caps[f]))
@@ -85,17 +86,38 @@ def encode_split(encode_images, split, batch_size: int) -> tuple[torch.Tensor, l
 
 
 @torch.inference_mode()
-def evaluate_retrieval(encode_images, encode_texts, split, sets: dict[str, list[str]],
-                       batch_size: int = 256) -> tuple[dict[str, dict[str, float]], dict]:
+def retrieval_features(encode_images, encode_texts, split, sets: dict[str, list[str] | None],
+                       batch_size: int = 256, progress=None) -> dict:
     """encode_images(pixels [B, 3, H, W]) -> [B, E]; encode_texts(keys, captions) -> [B, E] (both
-    L2-normalised). Returns ({set: {i2t_r1, t2i_r1, ...} in percent}, raw features for plots)."""
-    image_features, image_keys, image_captions = encode_split(encode_images, split, batch_size)  # [I, E]
-    results, features = {}, {"images": image_features, "image_keys": image_keys}
+    L2-normalised). Returns {"images" [I, E], "image_keys", set: (texts [T, E], text_to_image [T], captions)}.
+    `progress`: a callable wrapping the batch iterator (e.g. a tqdm factory), or None."""
+    batches = split.batches(batch_size)
+    image_features, image_keys, image_captions = encode_split(
+        encode_images, _Batches(progress(batches) if progress else batches), batch_size)  # [I, E]
+    features = {"images": image_features, "image_keys": image_keys}
     for name, (keys, captions, owner) in retrieval_sets(image_keys, image_captions, sets).items():
         def encode(idx, keys=keys, captions=captions):
             return encode_texts([keys[i] for i in idx], [captions[i] for i in idx])
 
-        texts = encode_in_batches(encode, list(range(len(keys))), batch_size)  # [T, E]
-        results[name] = as_percent_table(retrieval_metrics(image_features, texts, owner))
-        features[name] = (texts, owner, captions)
+        features[name] = (encode_in_batches(encode, list(range(len(keys))), batch_size), owner, captions)  # [T, E]
+    return features
+
+
+class _Batches:
+    """An iterator of batches presented as a split (what encode_split reads)."""
+
+    def __init__(self, batches):
+        self._batches = batches
+
+    def batches(self, batch_size: int):
+        return iter(self._batches)
+
+
+def evaluate_retrieval(encode_images, encode_texts, split, sets: dict[str, list[str] | None],
+                       batch_size: int = 256) -> tuple[dict[str, dict[str, float]], dict]:
+    """The main job's evaluation: ({set: {i2t_r1, t2i_r1, ...} in percent}, raw features for plots).
+    `llm2clip eval` reads benchmarks through the same retrieval_features and retrieval_metrics."""
+    features = retrieval_features(encode_images, encode_texts, split, sets, batch_size)
+    results = {name: as_percent_table(retrieval_metrics(features["images"], *features[name][:2]))
+               for name in sets if name in features}
     return results, features

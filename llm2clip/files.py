@@ -28,6 +28,21 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, final)
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file under a temporary name, flushed to disk, then rename it into place: a kill leaves the
+    old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
 def sha256_file(path: Path) -> str:
     """Full sha256 of a file, read in 1 MiB blocks (checkpoints, cache parts and key-index files)."""
     h = hashlib.sha256()

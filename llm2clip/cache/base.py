@@ -4,12 +4,12 @@ atomic writes and digests. See the package docstring for the folder layout."""
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..embedder import EmbedderConfig
 from ..errors import ConfigError, DataError
+from ..files import atomic_write_bytes  # noqa: F401  (re-exported: the cache modules write through it)
 
 INDEX, FINGERPRINT = "index.json", "fingerprint.json"
 # Embedder fields that cannot change the vectors (padding side is tested to be invariant).
@@ -104,15 +104,6 @@ def check_fingerprint(found: dict, expected: dict, where: str) -> None:
 
 
 # -- files -------------------------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def corrupt_part(path: Path, why: str) -> DataError:
     return DataError(f"cache part {path} is corrupt or truncated ({why}). Fix: delete it and the cache's {INDEX}, "
                      "then rerun `llm2clip cache build` to re-embed its samples")

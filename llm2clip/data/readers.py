@@ -80,6 +80,12 @@ class SkipCounter:
         if len(self.where[reason]) < self._keep:
             self.where[reason].append(where)
 
+    def reset(self) -> None:
+        """Forget every count: a set read again (a second pass) describes itself, not both passes."""
+        self.counts.clear()
+        self.where.clear()
+        self.read = 0
+
     @property
     def skipped(self) -> int:
         return sum(self.counts.values())
@@ -100,7 +106,8 @@ def fail(stats: SkipCounter, strict: bool, reason: str, where: str, detail: str 
     """Count a bad sample under `reason`, or under strict mode raise DataError naming `where`."""
     if strict:
         raise DataError(one_line(f"{where}: {reason}{': ' + detail if detail else ''}. Fix the sample, or "
-                                 "set data.strict=false to skip and count it"))
+                                 "turn strict mode off (data.strict=false; `llm2clip eval` without --strict) to "
+                                 "skip and count it"))
     stats.skip(reason, where)
 
 
