@@ -7,6 +7,7 @@
     llm2clip stage2 pretrain-clip | finetune-clip | train | eval | all
     llm2clip run [--force]                                    the main job, end to end
     llm2clip export                                           vision tower + whole model
+    llm2clip eval --model F --dataset NAME --data-root PATH   standard benchmarks (docs/EVALUATION.md)
     llm2clip convert released SRC --out DIR [--vision-out DIR] import a microsoft/LLM2CLIP-Openai-* folder
     llm2clip ablate online                                    cached vs live LLM embeddings
     llm2clip config show | keys                               print the resolved config / every key
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=_cmd_inspect)
 
     from .convert import add_parser as add_convert
+    from .evaluation.cli import add_parser as add_eval
     from .knowledge.cli import add_parsers as add_knowledge
     from .stage1.cli import add_parser as add_stage1
     from .stage2.cli import add_parsers as add_stage2
@@ -109,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_stage2(groups, _add_config_args)
     add_knowledge(groups, _add_config_args)
     add_convert(groups)
+    add_eval(groups)
 
     config = groups.add_parser("config", help="show the resolved config or list its keys")
     config.add_argument("what", choices=("show", "keys"))
