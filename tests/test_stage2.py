@@ -10,6 +10,7 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from llm2clip.checkpoint import latest_checkpoint, save_checkpoint
 from llm2clip.data.images import make_image_processor
+from llm2clip.errors import ConfigError
 from llm2clip.export import export_model, export_vision_tower
 from llm2clip.losses import ClipLoss
 from llm2clip.model import LLM2CLIP, ModelConfig
@@ -47,13 +48,13 @@ class Vectors:
         return torch.stack([self.table[int(k[1:]), int(c.field == "long_caption")] for k, c in pairs])
 
 
-def _train(out, steps=6, fail_at_call=None, resume=True, **kw):
+def _train(out, steps=6, fail_at_call=None, resume=True, lr=1e-3, **kw):
     model = _model()
     # adam_eps 1e-6, not the official 1e-8: CLIP's k_proj.bias has an exactly zero gradient (softmax ignores
     # a shift), and eps 1e-8 turns its rounding noise into lr-sized steps whose sign depends on the order of
     # the reductions, so runs on 1 and 2 processes would part by ~1e-4 there instead of agreeing to 1e-5
     kw = {"adam_eps": 1e-6, **kw}
-    cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-3, warmup_steps=2, checkpoint_every=3, out=str(out), **kw)
+    cfg = TrainConfig(steps=steps, batch_size=8, lr=lr, warmup_steps=2, checkpoint_every=3, out=str(out), **kw)
     sampler = CaptionSampler("short_caption", ["long_caption"], 0.5, seed=0)
     train_contrastive(model, Vectors(fail_at_call), _images(), sampler, cfg, name="t", resume=resume,
                       progress=False, device=torch.device("cpu"))
@@ -81,6 +82,20 @@ def test_kill_and_resume_gives_bitwise_identical_weights(tmp_path):
     assert [p.name for p in (tmp_path / "b/checkpoints").glob("step-*")] == ["step-0000003"]
     resumed = _train(tmp_path / "b")
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_from_other_settings_is_refused_not_resumed(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, fail_at_call=5)  # dies after the step-3 checkpoint
+    with pytest.raises(ConfigError, match=r"other stage2.t settings \(lr\).*delete"):
+        _train(tmp_path, lr=2e-3)
+    with pytest.raises(ConfigError, match=r"\(long_caption_ratio\)"):
+        _train(tmp_path, long_caption_ratio=0.2)
+    with pytest.raises(ConfigError, match=r"\(steps\)"):  # the lr schedule is laid out over the steps
+        _train(tmp_path, steps=9)
+    resumed = _train(tmp_path)  # the same settings resume, and give the uninterrupted run's weights
+    for (name, a), b in zip(_train(tmp_path / "ref").state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -168,7 +183,8 @@ def test_main_job_end_to_end_micro_run(world, tmp_path):
     from llm2clip.cli import main
     from tests.helpers import micro_run_overrides
 
-    sets = micro_run_overrides(world, tmp_path)
+    # fp32 cache: `llm2clip eval`, which embeds live, must then reproduce the main job's figures exactly
+    sets = [*micro_run_overrides(world, tmp_path), "cache.dtype=float32"]
     argv = ["run", "--config", "configs/tiny.yaml", "--no-progress", *[x for s in sets for x in ("--set", s)]]
     assert main([*argv, "--set", "synth.enabled=false"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
@@ -192,8 +208,33 @@ def test_main_job_end_to_end_micro_run(world, tmp_path):
     assert main(eval_argv) == 0
     assert (tmp_path / "results.json").read_text() == main_results
     assert json.loads((tmp_path / "again.json").read_text())["retrieval"] == results["retrieval"]
+    _check_benchmark_eval(tmp_path, world, results)
     _check_ablate_parts(argv, tmp_path, world)
     _check_ablate_online(argv, tmp_path)
+
+
+def _check_benchmark_eval(tmp_path, world, results):
+    """`llm2clip eval --dataset shapes` scores the main job's LLM2CLIP and CLIP folders through the same
+    code as the main job (one command for both kinds) and gives its figures."""
+    import json
+
+    from llm2clip.cli import main
+
+    out = tmp_path / "bench" / "results.json"
+    models = {"llm2clip": tmp_path / "stage2/llm2clip/model", "clip_finetuned": tmp_path / "stage2/clip_finetune/model"}
+    argv = ["eval", "--dataset", "shapes", "--data-root", str(world), "--output", str(out), "--no-progress",
+            "--text-cache", str(tmp_path / "text_vectors"), *[x for f in models.values() for x in ("--model", str(f))]]
+    assert main(argv) == 0
+    records = json.loads(out.read_text())
+    assert len(records) == 6 and out.with_suffix(".md").is_file() and out.with_suffix(".csv").is_file()
+    names = {str(f.resolve()): name for name, f in models.items()}
+    for r in records:
+        expected = results["retrieval"][names[r["pretrained"]]][r["dataset"].removeprefix("shapes/")]
+        for k in (1, 5, 10):
+            assert 100 * r["metrics"][f"text_retrieval_recall@{k}"] == pytest.approx(expected[f"i2t_r{k}"], abs=0.01)
+            assert 100 * r["metrics"][f"image_retrieval_recall@{k}"] == pytest.approx(expected[f"t2i_r{k}"], abs=0.01)
+    assert main(argv) == 0  # the second run reads the LLM's caption vectors from --text-cache
+    assert json.loads(out.read_text()) == records
 
 
 def _check_ablate_online(argv, tmp_path):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -84,6 +84,23 @@ class TrainConfig:
         if self.deepspeed and self.accum_freq > 1:
             raise ConfigError(f"{name}: accum_freq > 1 is not supported under DeepSpeed; raise batch_size "
                               "or use torchrun")
+
+    def resume_key(self, seed: int, loss: str) -> dict:
+        """What a checkpoint must have been written with to be resumed: every setting but where and how often
+        it is saved (steps too: the warmup-cosine schedule is laid out over them)."""
+        skip = {"enabled", "out", "checkpoint_every", "keep_checkpoints"}
+        key = {"seed": seed, "loss": loss, **{k: v for k, v in asdict(self).items() if k not in skip}}
+        return json.loads(json.dumps(key))  # as a checkpoint's JSON gives it back (tuples as lists)
+
+
+def check_resume_key(ckpt: Path, saved: dict | None, expected: dict, section: str) -> None:
+    """A checkpoint from a run with other settings is refused with the keys that differ, not resumed
+    into this one. Checkpoints written before resume keys existed carry none and are resumed."""
+    if saved is None or saved == expected:
+        return
+    changed = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
+    raise ConfigError(f"{ckpt} was written by a run with other {section} settings ({', '.join(changed)}). "
+                      f"Fix: restore them to resume, or delete {ckpt.parent} to start over")
 
 
 def _to(x, device):
@@ -171,8 +188,9 @@ def train_contrastive(model: torch.nn.Module, text_side, data, sampler: CaptionS
     if resume:
         ckpt, rejected = latest_checkpoint(out / "checkpoints")
         if ckpt is not None:  # under DeepSpeed: weights and schedule (ZeRO partitions the optimizer)
-            start = load_checkpoint(ckpt, model, None if cfg.deepspeed else optimizer, scheduler)
             extra = checkpoint_extra(ckpt)
+            check_resume_key(ckpt, extra.get("resume_key"), cfg.resume_key(seed, loss), section)
+            start = load_checkpoint(ckpt, model, None if cfg.deepspeed else optimizer, scheduler)
             if extra.get("scaler"):
                 scaler.load_state_dict(extra["scaler"])
             data_position = _rank_position(extra.get("data"), rank, world_size, section)
@@ -237,7 +255,7 @@ def train_contrastive(model: torch.nn.Module, text_side, data, sampler: CaptionS
                 writer.add_scalar(f"{name}/loss_{k}", v, step)
         last = step + 1 == cfg.steps
         if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last:
-            extra = {"data": _gather_positions(source.position(), world_size),
+            extra = {"resume_key": cfg.resume_key(seed, loss), "data": _gather_positions(source.position(), world_size),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None}
             if rank == 0:
                 with _scalar_shapes(scalars):
