@@ -20,13 +20,17 @@ def _hit_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int) -> float:
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """image_features [I, D], text_features [T, D] (L2-normalised), text_to_image [T] (LongTensor: each
-    text's image index). Returns CLIP_benchmark's keys as fractions in [0, 1]."""
+    """image_features [I, D], text_features [T, D] (L2-normalised), text_to_image: [T] LongTensor (each
+    text's image index) or [T, I] bool (a text with several images: a hit when any of them ranks).
+    Returns CLIP_benchmark's keys as fractions in [0, 1]."""
     if text_features.shape[0] != text_to_image.shape[0]:
         raise ValueError(f"{text_features.shape[0]} texts but {text_to_image.shape[0]} text_to_image entries")
     scores = text_features.float() @ image_features.float().T  # [T, I]
-    positives = torch.zeros_like(scores, dtype=torch.bool)
-    positives[torch.arange(len(text_to_image)), text_to_image] = True
+    if text_to_image.dtype == torch.bool:
+        positives = text_to_image
+    else:
+        positives = torch.zeros_like(scores, dtype=torch.bool)
+        positives[torch.arange(len(text_to_image)), text_to_image] = True
     out = {}
     for k in ks:
         out[f"image_retrieval_recall@{k}"] = _hit_at_k(scores, positives, k)  # text -> image

@@ -23,6 +23,9 @@ class RetrievalItem:
     key: str  # unique within the set: the image file's name or the tar member's key
     image: bytes | Path  # undecoded
     captions: list[str]  # one or more, none empty
+    # one id per caption where a caption belongs to several images (Chinese-CLIP's texts list image_ids):
+    # such a text is scored once, a hit when any of its images ranks; None: every caption is its own
+    caption_ids: list[str] | None = None
 
 
 @dataclass

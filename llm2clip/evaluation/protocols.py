@@ -8,6 +8,7 @@ the number of classes times images; pixels never outlive their batch.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -63,8 +64,9 @@ class SetBatches:
         batch = {"pixels": pixels, "keys": [it.key for it in items]}
         if self.evalset.task == CLASSIFICATION:
             batch["labels"] = torch.tensor([it.label for it in items], dtype=torch.long)  # [b]
-        else:
-            batch["captions"] = [{str(i): c for i, c in enumerate(it.captions)} for it in items]
+        else:  # a caption shared by several images keeps its id in the field name (merged before scoring)
+            batch["captions"] = [{f"id:{i}": c for i, c in zip(it.caption_ids, it.captions, strict=True)}
+                                 if it.caption_ids else {str(i): c for i, c in enumerate(it.captions)} for it in items]
         return batch
 
 
@@ -91,6 +93,27 @@ def fold_metrics(images: torch.Tensor, texts: torch.Tensor, owner: torch.Tensor,
     return {k: sum(m[k] for m in per_fold) / folds for k in per_fold[0]}
 
 
+def merge_shared_captions(texts: torch.Tensor, owner: torch.Tensor, captions: list, num_images: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts with an id ('id:<x>' fields) that several images list become one query whose positives are
+    all those images. texts [T, E], owner [T] -> (texts [T', E], positives [T', I] bool)."""
+    rows: dict[str, int] = {}
+    keep, owners = [], []
+    for t, caption in enumerate(captions):
+        shared = caption.field.startswith("id:")
+        if shared and caption.field in rows:
+            owners[rows[caption.field]].append(int(owner[t]))
+            continue
+        if shared:
+            rows[caption.field] = len(keep)
+        keep.append(t)
+        owners.append([int(owner[t])])
+    positives = torch.zeros(len(keep), num_images, dtype=torch.bool)
+    for row, images in enumerate(owners):
+        positives[row, images] = True
+    return texts[keep], positives
+
+
 def evaluate_retrieval_set(model, evalset: EvalSet, options: EvalOptions) -> dict[str, dict[str, float]]:
     """{"": metrics over the whole set, "1k": the fold mean (only when evalset.folds > 1)}; fractions."""
     split = SetBatches(evalset, model.processor, options)
@@ -99,10 +122,20 @@ def evaluate_retrieval_set(model, evalset: EvalSet, options: EvalOptions) -> dic
     if "captions" not in features:
         raise ValueError(f"{evalset.name}: no caption was read ({evalset.stats.brief()})")
     images = features["images"]  # [I, E]
-    texts, owner, _ = features["captions"]  # [T, E], [T]
+    texts, owner, captions = features["captions"]  # [T, E], [T]
+    if any(c.field.startswith("id:") for c in captions):
+        if evalset.folds > 1:
+            raise ValueError(f"{evalset.name}: captions shared by several images cannot be scored in folds")
+        texts, positives = merge_shared_captions(texts, owner, captions, images.shape[0])  # [T', E], [T', I]
+        return {"": retrieval_metrics(images, texts, positives, options.recall_k)}
     out = {"": retrieval_metrics(images, texts, owner, options.recall_k)}
     if evalset.folds > 1:
-        out["1k"] = fold_metrics(images, texts, owner, evalset.folds, options.recall_k)
+        # a skipped image would shift every later fold's boundary: such folds are not the standard ones
+        if evalset.stats.skipped or images.shape[0] % evalset.folds:
+            print(f"{evalset.name}: 1k folds not scored: {evalset.stats.skipped} images were skipped and "
+                  f"{images.shape[0]} remain (the folds need every image of the split)", file=sys.stderr)
+        else:
+            out["1k"] = fold_metrics(images, texts, owner, evalset.folds, options.recall_k)
     return out
 
 

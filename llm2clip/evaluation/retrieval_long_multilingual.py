@@ -316,7 +316,8 @@ def open_xm3600(root: Path, strict: bool, name: str, split: str | None = None,
 def open_chinese_clip(root: Path, strict: bool, name: str, split: str | None = None, **options) -> list[EvalSet]:
     """Chinese-CLIP's preprocessed release: <split>_imgs.tsv ('<image_id>\\t<base64 image>' per line) and
     <split>_texts.jsonl ({text_id, text, image_ids}); the test split by default. A text listing several
-    images counts as a caption of each; images arrive as bytes, decoded from base64 one line at a time."""
+    images is scored once, a hit when any of them ranks (as Chinese-CLIP's evaluation); images arrive as
+    bytes, decoded from base64 one line at a time."""
     check_options(name, options, "'split'")
     split = split or "test"
     folder = {"flickr30k-cn": "Flickr30k-CN", "coco-cn": "COCO-CN"}[name]
@@ -333,7 +334,7 @@ def open_chinese_clip(root: Path, strict: bool, name: str, split: str | None = N
             problems.append(("malformed json" if line is None else "malformed row", where, detail or "no 'image_ids'"))
             continue
         for image_id in ids:
-            by_image.setdefault(str(image_id), []).append(line.get("text"))
+            by_image.setdefault(str(image_id), []).append((str(line.get("text_id", where)), line.get("text")))
 
     def produce(stats: SkipCounter) -> Iterator[RetrievalItem]:
         seen = set()
@@ -348,8 +349,8 @@ def open_chinese_clip(root: Path, strict: bool, name: str, split: str | None = N
                     fail(stats, strict, "malformed row", where, "expected '<image_id>\\t<base64 image>'")
                     continue
                 seen.add(key)
-                caps = clean_captions(by_image.get(key, []))
-                if not caps:
+                pairs = [(i, t.strip()) for i, t in by_image.get(key, []) if isinstance(t, str) and t.strip()]
+                if not pairs:
                     fail(stats, strict, "empty caption", where, f"no text in {texts.name} names image {key}")
                     continue
                 try:  # Chinese-CLIP decodes with urlsafe_b64decode, which reads the standard alphabet too
@@ -361,7 +362,8 @@ def open_chinese_clip(root: Path, strict: bool, name: str, split: str | None = N
                 if not image:
                     fail(stats, strict, "unreadable image", where, detail)
                     continue
-                yield RetrievalItem(key=key, image=image, captions=caps)
+                yield RetrievalItem(key=key, image=image, captions=[t for _, t in pairs],
+                                    caption_ids=[i for i, _ in pairs])
         for key in by_image:
             if key not in seen:
                 fail(stats, strict, "missing image", str(texts), f"image {key} is not in {tsv.name}")
