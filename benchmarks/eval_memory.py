@@ -3,9 +3,10 @@
     python benchmarks/eval_memory.py [--model runs/tiny/stage2/clip_finetune/model] [--sizes 500 4000]
 
 Writes an ImageFolder of random 64-px PNGs (10 classes) and a CLIP_benchmark-style webdataset
-retrieval export of the same images, then scores each size in a fresh process and reports its peak
-RSS (VmHWM) and the ratio largest / smallest. Any model folder `llm2clip eval` reads works; the
-default is the main job's fine-tuned CLIP. Not a test: a measurement, printed and written as JSON.
+retrieval export of the same images, then scores each size in fresh processes and reports the peak
+RSS (VmHWM, the median of --repeats processes) and the ratio largest / smallest. Any model folder
+`llm2clip eval` reads works; the default is the main job's fine-tuned CLIP. Not a test: a measurement,
+printed and written as JSON.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -64,21 +67,28 @@ def make_sets(out: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
     return folder, wds
 
 
-def peak(model: str, dataset: str, root: Path) -> tuple[float, float]:
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", CHILD, "eval", "--model", model, "--dataset", dataset,
-                           "--data-root", str(root), "--no-progress", "--batch-size", "64"],
-                          capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr.strip().splitlines()[-1])
-    kib = int(next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("PEAK_KIB")))
-    return kib / 1024, time.perf_counter() - start
+def peak(model: str, dataset: str, root: Path, repeats: int) -> tuple[float, float]:
+    """Median peak RSS (MiB) and seconds over `repeats` fresh processes: one process's peak varies by tens
+    of MiB with allocator and thread-pool timing, more than the dataset changes it."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    peaks, seconds = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", CHILD, "eval", "--model", model, "--dataset", dataset,
+                               "--data-root", str(root), "--no-progress", "--batch-size", "64"],
+                              capture_output=True, text=True, cwd=ROOT, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1])
+        peaks.append(int(next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("PEAK_KIB"))))
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(peaks) / 1024, statistics.median(seconds)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "runs/tiny/stage2/clip_finetune/model"))
     parser.add_argument("--sizes", type=int, nargs=2, default=[500, 4000])
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per row (the median is kept)")
     parser.add_argument("--work", default=str(ROOT / "runs/bench/eval_memory"))
     parser.add_argument("--out", default=str(ROOT / "runs/bench/eval_memory.json"))
     args = parser.parse_args()
@@ -87,7 +97,7 @@ def main() -> None:
     for n in args.sizes:
         folder, wds = make_sets(work, n)
         for dataset, root in (("imagefolder", folder), ("wds/random", wds)):
-            mib, seconds = peak(args.model, dataset, root)
+            mib, seconds = peak(args.model, dataset, root, args.repeats)
             rows.setdefault(dataset, {})[n] = {"peak_rss_mib": round(mib, 1), "seconds": round(seconds, 1)}
             print(f"{dataset:12s} {n:6d} images: peak RSS {mib:7.1f} MiB, {seconds:6.1f} s", flush=True)
     small, large = args.sizes

@@ -12,29 +12,47 @@ from collections.abc import Sequence
 import torch
 
 
-def _hit_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int) -> float:
-    """scores, positives [Q, C] -> fraction of queries with a positive among their top-k candidates."""
-    top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [Q, k]
-    return positives.gather(1, top).any(dim=1).float().mean().item()
+def _hit_rates(queries: torch.Tensor, candidates: torch.Tensor, is_positive, ks: Sequence[int],
+               chunk: int) -> dict[int, float]:
+    """queries [Q, D], candidates [C, D] -> per k, the fraction of queries with a positive among their top-k
+    candidates. Scored `chunk` queries at a time, so memory is [chunk, C], never [Q, C];
+    is_positive(first query index, top [q, k] candidate indices) -> bool [q, k]."""
+    k_max = min(max(ks), candidates.shape[0])
+    hits = dict.fromkeys(ks, 0)
+    for start in range(0, queries.shape[0], chunk):
+        top = (queries[start:start + chunk] @ candidates.T).topk(k_max, dim=1).indices  # [q, k_max]
+        positive = is_positive(start, top)  # [q, k_max]
+        for k in ks:
+            hits[k] += int(positive[:, :k].any(dim=1).sum())
+    return {k: hits[k] / queries.shape[0] for k in ks}
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
-                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+                      ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
     """image_features [I, D], text_features [T, D] (L2-normalised), text_to_image: [T] LongTensor (each
     text's image index) or [T, I] bool (a text with several images: a hit when any of them ranks).
     Returns CLIP_benchmark's keys as fractions in [0, 1]."""
     if text_features.shape[0] != text_to_image.shape[0]:
         raise ValueError(f"{text_features.shape[0]} texts but {text_to_image.shape[0]} text_to_image entries")
-    scores = text_features.float() @ image_features.float().T  # [T, I]
-    if text_to_image.dtype == torch.bool:
-        positives = text_to_image
-    else:
-        positives = torch.zeros_like(scores, dtype=torch.bool)
-        positives[torch.arange(len(text_to_image)), text_to_image] = True
+    images, texts = image_features.float(), text_features.float()
+    if text_to_image.dtype == torch.bool:  # [T, I]
+        def t2i(start, top):
+            return text_to_image[start:start + len(top)].gather(1, top)
+
+        def i2t(start, top):
+            return text_to_image.T[start:start + len(top)].gather(1, top)
+    else:  # [T]: compare indices, so no [T, I] matrix is ever built
+        def t2i(start, top):
+            return top == text_to_image[start:start + len(top), None]
+
+        def i2t(start, top):
+            return text_to_image[top] == torch.arange(start, start + len(top))[:, None]
+    text_to_images = _hit_rates(texts, images, t2i, ks, chunk)
+    image_to_texts = _hit_rates(images, texts, i2t, ks, chunk)
     out = {}
     for k in ks:
-        out[f"image_retrieval_recall@{k}"] = _hit_at_k(scores, positives, k)  # text -> image
-        out[f"text_retrieval_recall@{k}"] = _hit_at_k(scores.T, positives.T, k)  # image -> text
+        out[f"image_retrieval_recall@{k}"] = text_to_images[k]  # text -> image
+        out[f"text_retrieval_recall@{k}"] = image_to_texts[k]  # image -> text
     return out
 
 

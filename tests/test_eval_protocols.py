@@ -117,3 +117,19 @@ def test_records_tables_and_language_means(tmp_path):
     per_file = write_records(records[:1], str(tmp_path / "t" / "{dataset}_{pretrained}_{model}_{language}_{task}.json"))
     assert per_file[0].name == "xm3600_models_ours_ours_de_zeroshot_retrieval.json"
     assert json.loads(per_file[0].read_text())["metrics"]["text_retrieval_recall@1"] == 0.5
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1024])
+def test_retrieval_metrics_in_chunks_equal_brute_force_for_owners_and_positive_matrices(chunk):
+    torch.manual_seed(1)
+    images = torch.nn.functional.normalize(torch.randn(7, 6), dim=-1)
+    owner = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 6, 6])
+    texts = torch.nn.functional.normalize(images[owner] + torch.randn(len(owner), 6), dim=-1)
+    positives = torch.zeros(len(owner), 7, dtype=torch.bool)
+    positives[torch.arange(len(owner)), owner] = True
+    for target in (owner, positives):
+        got = retrieval_metrics(images, texts, target, ks=(1, 3), chunk=chunk)
+        for k in (1, 3):
+            i2t, t2i = brute_force_hits(images, texts, owner, k)
+            assert got[f"text_retrieval_recall@{k}"] == pytest.approx(i2t)
+            assert got[f"image_retrieval_recall@{k}"] == pytest.approx(t2i)
