@@ -132,6 +132,30 @@ def test_converted_model_computes_what_the_released_model_computes(released, tmp
     assert (tmp_path / "vision_tower" / "preprocessor_config.json").is_file()
 
 
+def test_a_converted_release_scores_through_llm2clip_eval_with_an_embedder(released, world, tmp_path):
+    """`llm2clip eval --model CONVERTED --embedder EMBEDDER`: the released model's features, with the
+    caption vectors of the embedder given (the released folders record none)."""
+    from llm2clip.embedder import CaptionEmbedder, EmbedderConfig
+    from llm2clip.evaluation.models import load_eval_model
+    from tests.helpers import save_tiny_llm
+
+    out = convert_released_llm2clip(_write(tmp_path / "LLM2CLIP-Openai-tiny", released.released_state()),
+                                    tmp_path / "llm2clip")
+    embedder = save_tiny_llm(tmp_path / "embedder", world / "tokenizer", hidden_size=LLM_DIM, num_layers=1)
+    (embedder / "embedder_config.json").write_text(json.dumps(
+        {**EmbedderConfig(max_length=64).saved_fields(), "model": ".", "adapters": []}))
+    with pytest.raises(ConfigError, match="--embedder"):
+        load_eval_model(out)
+    model = load_eval_model(out, embedder=embedder, instruction="")
+    texts, (pixels, _) = ["a red square", "a large blue circle with a small green star"], _inputs()
+    vectors = CaptionEmbedder.from_pretrained(embedder, instruction="").encode(texts)  # [2, D]
+    with torch.no_grad():
+        want_texts = F.normalize(released.get_text_features(vectors), dim=-1)  # [2, E]
+        want_images = F.normalize(released.get_image_features(pixels), dim=-1)  # [3, E]
+    torch.testing.assert_close(model.encode_texts(texts), want_texts, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.encode_images(pixels), want_images, atol=1e-5, rtol=1e-5)
+
+
 def test_text_tower_leftovers_are_dropped_and_optional_keys_filled(released, tmp_path):
     state = released.released_state()
     state["text_projection.weight"] = torch.zeros(EMBED_DIM, 8)  # CLIP's text side: never used by the release

@@ -133,3 +133,12 @@ def test_retrieval_metrics_in_chunks_equal_brute_force_for_owners_and_positive_m
             i2t, t2i = brute_force_hits(images, texts, owner, k)
             assert got[f"text_retrieval_recall@{k}"] == pytest.approx(i2t)
             assert got[f"image_retrieval_recall@{k}"] == pytest.approx(t2i)
+
+
+def test_model_labels_are_the_shortest_distinct_path_tails(tmp_path):
+    from llm2clip.evaluation.cli import model_labels
+
+    folders = [tmp_path / "run/stage2/llm2clip/model", tmp_path / "run/stage2/clip_finetune/model", tmp_path / "siglip"]
+    labels = model_labels([str(f) for f in folders])
+    assert labels == ["llm2clip/model", "clip_finetune/model", f"{tmp_path.name}/siglip"]
+    assert model_labels([str(folders[2])]) == ["siglip"]

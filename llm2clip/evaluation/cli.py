@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import ConfigError
 
@@ -27,6 +28,16 @@ def data_roots(datasets: list[str], roots: list[str]) -> list[str]:
         return [roots[0].format(dataset=d, dataset_cleaned=d.replace("/", "-")) for d in datasets]
     raise ConfigError(f"{len(datasets)} --dataset but {len(roots)} --data-root. Fix: one --data-root per --dataset, "
                       "or one template such as 'data/{dataset}'")
+
+
+def model_labels(folders: list[str]) -> list[str]:
+    """The shortest path tails that tell the folders apart: 'llm2clip/model', 'clip_finetune/model', ..."""
+    parts = [Path(f).resolve().parts for f in folders]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(Path(f).resolve()) for f in folders]
 
 
 def parse_options(pairs: list[str]) -> dict:
@@ -61,9 +72,10 @@ def run_benchmarks(args: argparse.Namespace) -> list[dict]:
         sets += open_dataset(name, root, strict=args.strict, **extra)
     device = resolve_device(args.device)
     records = []
-    for folder in args.model:
+    for folder, label in zip(args.model, model_labels(args.model), strict=True):
         model = load_eval_model(folder, embedder=args.embedder, device=device, text_cache=args.text_cache,
                                 batch_size=args.batch_size, instruction=args.instruction)
+        model.name = label
         with bf16_autocast(device):
             for evalset in sets:
                 records += records_for(model, evalset, evaluate_set(model, evalset, options))
