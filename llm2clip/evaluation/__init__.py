@@ -1,6 +1,7 @@
 """Benchmark evaluation by local path: `llm2clip eval` (docs/EVALUATION.md).
 
     base            items, EvalSet, the dataset registry (open_dataset)
+    wds             CLIP_benchmark webdataset shards, read one sample behind (retrieval and classification)
     retrieval_sets  Flickr30k, COCO (Karpathy, BLIP and COCO-format files), CLIP_benchmark's wds layout
     retrieval_long_multilingual  Urban-1k, DOCCI, ShareGPT4V-1k, DCI, XM3600, Flickr30k-CN, COCO-CN
     classification  ImageNet / ImageFolder / wds zero-shot classification, OpenAI's prompt ensembling

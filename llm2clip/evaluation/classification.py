@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data.readers import SkipCounter, _tar_end_problem, fail
+from ..data.readers import SkipCounter, fail
 from ..errors import ConfigError, DataError, one_line
 from .base import CLASSIFICATION, ClassificationItem, EvalSet, register
+from .wds import shard_samples
 
 log = logging.getLogger(__name__)
 
 METADATA = Path(__file__).parent / "metadata"  # provenance: metadata/README.md
 # torchvision's ImageFolder extensions, so a folder yields the same images there and here
 FOLDER_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-WDS_IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # CLIP_benchmark's order when a key has several
 WNID = re.compile(r"n\d{8}")
 
 
@@ -216,27 +216,7 @@ def open_wds_classification(root: Path, strict: bool, name: str, split: str = "t
 
 
 def _wds_shard(shard: Path, num_classes: int, stats: SkipCounter, strict: bool) -> Iterator[ClassificationItem]:
-    import webdataset as wds
-
-    if not shard.is_file():
-        fail(stats, strict, "missing shard", str(shard), "listed by nshards.txt but not on disk")
-        return
-    broken: list[Exception] = []
-
-    def on_error(exn: Exception) -> bool:  # a broken tar stream: nothing after a bad header can be trusted
-        broken.append(exn)
-        return False
-
-    # a list, not a string: webdataset would brace-expand a path holding '{'
-    stream = wds.WebDataset([str(shard)], shardshuffle=False, handler=on_error, empty_check=False,
-                            nodesplitter=None, workersplitter=None)
-    for raw in stream:
-        key = raw.get("__key__", "?")
-        where = f"{shard}:{key}"
-        image = next((raw[ext] for ext in WDS_IMAGE_EXTS if ext in raw), None)
-        if image is None:
-            fail(stats, strict, "missing image", where, f"no {'/'.join(WDS_IMAGE_EXTS)} member")
-            continue
+    for raw, where, image in shard_samples(shard, stats, strict):
         if "cls" not in raw:
             fail(stats, strict, "missing class index", where, "no .cls member")
             continue
@@ -246,12 +226,7 @@ def _wds_shard(shard: Path, num_classes: int, stats: SkipCounter, strict: bool) 
             fail(stats, strict, "bad class index", where, f"'{shown}' is not an integer in 0..{num_classes - 1}")
             continue
         stats.read += 1
-        yield ClassificationItem(key=key, image=bytes(image), label=label)
-    if not broken:
-        broken += _tar_end_problem(str(shard))
-    if broken:
-        exn = broken[0]
-        fail(stats, strict, "corrupt shard", str(shard), f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+        yield ClassificationItem(key=raw.get("__key__", "?"), image=image, label=label)
 
 
 def _class_index(raw: bytes, num_classes: int) -> int | None:

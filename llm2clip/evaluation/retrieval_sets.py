@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.readers import SkipCounter, _tar_end_problem, fail
+from ..data.readers import SkipCounter, fail
 from ..errors import ConfigError, DataError, one_line
 from .base import RETRIEVAL, EvalSet, RetrievalItem, register
+from .wds import shard_samples
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-WDS_IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # CLIP_benchmark's order when a key has several
 
 Problem = tuple[str, str, str]  # (reason, where, detail) found while indexing; counted on every items() pass
 
@@ -309,42 +309,12 @@ def wds_looks_like_classification(shard: Path) -> bool:
 
 
 def wds_shard(shard: Path, stats: SkipCounter, strict: bool) -> Iterator[RetrievalItem]:
-    import webdataset as wds
-
-    if not shard.is_file():
-        fail(stats, strict, "missing shard", str(shard), "listed by nshards.txt but not on disk")
-        return
-    # checked first: tar reads a cut at a member boundary as a clean end, so strict mode names the real problem
-    broken: list[Exception] = _tar_end_problem(str(shard))
-    if broken and strict:
-        fail(stats, strict, "corrupt shard", str(shard), str(broken[0]))
-
-    def on_error(exn: Exception) -> bool:  # a broken tar stream: nothing after a bad header can be trusted
-        broken.append(exn)
-        return False
-
-    # a list, not a string: webdataset would brace-expand a path holding '{'
-    stream = wds.WebDataset([str(shard)], shardshuffle=False, handler=on_error, empty_check=False,
-                            nodesplitter=None, workersplitter=None)
-    last = None
-    for raw in stream:  # one sample behind: the last one of a cut shard may have lost members
-        if last is not None:
-            yield from wds_sample(shard, last, stats, strict)
-        last = raw
-    if last is not None and not broken:
-        yield from wds_sample(shard, last, stats, strict)
-    if broken:  # its last sample was dropped above, not counted on its own
-        exn = broken[0]
-        fail(stats, strict, "corrupt shard", str(shard), f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+    for raw, where, image in shard_samples(shard, stats, strict):
+        yield from wds_sample(raw, where, image, stats, strict)
 
 
-def wds_sample(shard: Path, raw: dict, stats: SkipCounter, strict: bool) -> Iterator[RetrievalItem]:
+def wds_sample(raw: dict, where: str, image: bytes, stats: SkipCounter, strict: bool) -> Iterator[RetrievalItem]:
     key = raw.get("__key__", "?")
-    where = f"{shard}:{key}"
-    image = next((raw[ext] for ext in WDS_IMAGE_EXTS if ext in raw), None)
-    if image is None:
-        fail(stats, strict, "missing image", where, f"no {'/'.join(WDS_IMAGE_EXTS)} member")
-        return
     try:  # CLIP_benchmark reads the .txt with str.splitlines: one caption per line
         captions = clean_captions(bytes(raw.get("txt", b"")).decode("utf-8").splitlines())
     except UnicodeDecodeError:
@@ -353,4 +323,4 @@ def wds_sample(shard: Path, raw: dict, stats: SkipCounter, strict: bool) -> Iter
     if not captions:
         fail(stats, strict, "empty caption", where, f"no .txt member or no non-empty line in {key}.txt")
         return
-    yield RetrievalItem(key=key, image=bytes(image), captions=captions)
+    yield RetrievalItem(key=key, image=image, captions=captions)
