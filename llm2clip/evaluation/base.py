@@ -71,7 +71,8 @@ def open_dataset(name: str, root: str | Path, strict: bool = False, **options) -
 
     opener = REGISTRY.get(name) or (REGISTRY.get("wds/") if name.startswith("wds/") else None)
     if opener is None:
-        raise ConfigError(f"unknown dataset '{name}'. Fix: choose from {', '.join(sorted(REGISTRY))} "
+        names = ", ".join("wds/<name>" if n == "wds/" else n for n in sorted(REGISTRY))
+        raise ConfigError(f"unknown dataset '{name}'. Fix: choose from {names} "
                           "(docs/EVALUATION.md gives each one's layout)")
     root = Path(root)
     if not root.exists():

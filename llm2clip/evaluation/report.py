@@ -90,9 +90,9 @@ def text_table(records: list[dict]) -> str:
     headings, rows = _rows(records)
     widths = [max(len(x) for x in col) for col in zip(headings, *rows, strict=True)]
     line = "  ".join
-    return "\n".join([line(h.ljust(w) for h, w in zip(headings, widths, strict=True)),
+    return "\n".join([line(h.ljust(w) for h, w in zip(headings, widths, strict=True)).rstrip(),
                       line("-" * w for w in widths),
-                      *(line(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)])
+                      *(line(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)])
 
 
 def markdown_table(records: list[dict]) -> str:
