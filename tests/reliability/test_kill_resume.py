@@ -50,13 +50,23 @@ def _same_tensors(a: Path, b: Path) -> None:
         assert torch.equal(x[k], y[k]), k
 
 
+STAGE2_WORKER = [sys.executable, "-m", "tests.reliability.stage2_worker"]
+
+
+@pytest.fixture(scope="module")
+def stage2_straight(tmp_path_factory) -> Path:
+    """The uninterrupted run every killed one is compared with (one run, shared by the kill seeds)."""
+    out = tmp_path_factory.mktemp("stage2") / "straight"
+    _run([*STAGE2_WORKER, str(out), "12"])
+    return out
+
+
 @pytest.mark.parametrize("seed", KILL_SEEDS)
-def test_stage2_training_killed_and_resumed_is_bitwise_identical(tmp_path, seed):
-    worker = [sys.executable, "-m", "tests.reliability.stage2_worker"]
-    _run([*worker, str(tmp_path / "straight"), "12"])
+def test_stage2_training_killed_and_resumed_is_bitwise_identical(tmp_path, seed, stage2_straight):
+    worker = STAGE2_WORKER
     _run_and_kill([*worker, str(tmp_path / "killed"), "12"], tmp_path / "killed" / "checkpoints", "step-*", seed)
     _run([*worker, str(tmp_path / "killed"), "12"])
-    _same_tensors(tmp_path / "straight" / "final.safetensors", tmp_path / "killed" / "final.safetensors")
+    _same_tensors(stage2_straight / "final.safetensors", tmp_path / "killed" / "final.safetensors")
     resumed = [json.loads(line)["step"] for line in (tmp_path / "killed" / "loss.jsonl").read_text().splitlines()]
     assert resumed == sorted(set(resumed)) and resumed[-1] == 11  # each step logged once, none after the end
 
