@@ -216,12 +216,10 @@ def test_main_job_end_to_end_micro_run(world, tmp_path):
 def _check_benchmark_eval(tmp_path, world, results):
     """`llm2clip eval --dataset shapes` scores the main job's LLM2CLIP and CLIP folders through the same
     code as the main job (one command for both kinds) and gives its figures."""
-    import json
-
     from llm2clip.cli import main
 
-    out = tmp_path / "bench" / "results.json"
-    models = {"llm2clip": tmp_path / "stage2/llm2clip/model", "clip_finetuned": tmp_path / "stage2/clip_finetune/model"}
+    out, models = tmp_path / "bench/results.json", {"llm2clip": tmp_path / "stage2/llm2clip/model",
+                                                   "clip_finetuned": tmp_path / "stage2/clip_finetune/model"}
     argv = ["eval", "--dataset", "shapes", "--data-root", str(world), "--output", str(out), "--no-progress",
             "--text-cache", str(tmp_path / "text_vectors"), *[x for f in models.values() for x in ("--model", str(f))]]
     assert main(argv) == 0

@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..errors import ConfigError, DataError, one_line
 from .images import ImageSkip, load_image
+from .tar import tar_end_problem
 
 FORMATS = ("auto", "jsonl", "csv", "webdataset", "imagefolder")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -69,21 +70,18 @@ class SkipCounter:
     """Counts skipped samples by reason and keeps the first few locations of each."""
 
     def __init__(self, keep: int = 5):
-        self.counts: Counter[str] = Counter()
-        self.where: dict[str, list[str]] = {}
-        self.read = 0
         self._keep = keep
+        self.reset()
 
     def skip(self, reason: str, where: str) -> None:
         self.counts[reason] += 1
-        self.where.setdefault(reason, [])
-        if len(self.where[reason]) < self._keep:
-            self.where[reason].append(where)
+        if len(kept := self.where.setdefault(reason, [])) < self._keep:
+            kept.append(where)
 
     def reset(self) -> None:
         """Forget every count: a set read again (a second pass) describes itself, not both passes."""
-        self.counts.clear()
-        self.where.clear()
+        self.counts: Counter[str] = Counter()
+        self.where: dict[str, list[str]] = {}
         self.read = 0
 
     @property
@@ -91,10 +89,9 @@ class SkipCounter:
         return sum(self.counts.values())
 
     def summary(self) -> str:
-        lines = [f"read {self.read} samples, skipped {self.skipped}"]
-        for reason, n in sorted(self.counts.items()):
-            lines.append(f"  {n} x {reason}: {', '.join(self.where[reason])}{' ...' if n > self._keep else ''}")
-        return "\n".join(lines)
+        return "\n".join([f"read {self.read} samples, skipped {self.skipped}"] + [
+            f"  {n} x {reason}: {', '.join(self.where[reason])}{' ...' if n > self._keep else ''}"
+            for reason, n in sorted(self.counts.items())])
 
     def brief(self) -> str:
         """The summary on one line, for error messages: 'read 3, skipped 2: 2 x bad conversation'."""
@@ -105,9 +102,8 @@ class SkipCounter:
 def fail(stats: SkipCounter, strict: bool, reason: str, where: str, detail: str = "") -> None:
     """Count a bad sample under `reason`, or under strict mode raise DataError naming `where`."""
     if strict:
-        raise DataError(one_line(f"{where}: {reason}{': ' + detail if detail else ''}. Fix the sample, or "
-                                 "turn strict mode off (data.strict=false; `llm2clip eval` without --strict) to "
-                                 "skip and count it"))
+        raise DataError(one_line(f"{where}: {reason}{': ' + detail if detail else ''}. Fix the sample, or turn "
+                                 "strict mode off (data.strict=false; `llm2clip eval` without --strict) to skip it"))
     stats.skip(reason, where)
 
 
@@ -156,19 +152,6 @@ def detect_format(paths: list[str]) -> str:
         return fmt
     raise ConfigError(f"data.format: cannot tell the format of '{first}'; set data.format to one of "
                       f"{', '.join(FORMATS[1:])}")
-
-
-def _tar_end_problem(path: str) -> list[Exception]:
-    """tarfile (so webdataset) takes a shard cut short inside a header, or at a member boundary, for its
-    end. A whole shard ends with tar's end-of-archive marker, two zero blocks (padding after it is zeros
-    too), so its last 1 KiB is zero; a cut leaves a header or member bytes there. -> [the problem] or []."""
-    marker = 2 * 512
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        f.seek(max(size - marker, 0))
-        if f.read() == bytes(marker):
-            return []
-    return [OSError(f"the last {marker} bytes are not tar's end-of-archive blocks: the shard was cut short")]
 
 
 class _Skip(Exception):
@@ -370,7 +353,7 @@ class CaptionReader:
 
             yield from self._emit(build, where)
         if not broken and Path(shard).is_file():
-            broken += _tar_end_problem(shard)
+            broken += tar_end_problem(shard)
         if broken:
             exn = broken[0]
             self._fail("corrupt shard", shard, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}",

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..data.readers import SkipCounter, _tar_end_problem, fail
+from ..data.readers import SkipCounter, fail
+from ..data.tar import tar_end_problem
 
 WDS_IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # CLIP_benchmark's order when a key has several
 
@@ -21,7 +22,7 @@ def shard_samples(shard: Path, stats: SkipCounter, strict: bool) -> Iterator[tup
         fail(stats, strict, "missing shard", str(shard), "listed by nshards.txt but not on disk")
         return
     # checked first: tar reads a cut at a member boundary as a clean end, so strict mode names the real problem
-    broken: list[Exception] = _tar_end_problem(str(shard))
+    broken: list[Exception] = tar_end_problem(str(shard))
     if broken and strict:
         fail(stats, strict, "corrupt shard", str(shard), str(broken[0]))
 
