@@ -80,6 +80,9 @@ def test_streamed_retrieval_scores_every_caption_and_counts_a_missing_image(tmp_
     evalset.stats.read = len(items)
     with pytest.raises(DataError, match="missing"):
         evaluate_set(ColourModel(), evalset, EvalOptions(strict=True, progress=False))
+    gone = EvalSet("gone", RETRIEVAL, lambda: iter(items[2:3]))  # every image missing: one line, no traceback
+    with pytest.raises(DataError, match=r"gone: .*no image.*1 x missing image file"):
+        evaluate_set(ColourModel(), gone, EvalOptions(progress=False))
 
 
 def test_classification_prompt_ensemble_and_metrics(tmp_path):

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ..data.images import ImageSkip, load_image
 from ..data.readers import fail
+from ..errors import DataError
 from ..eval import retrieval_features, retrieval_metrics
 from .base import CLASSIFICATION, EvalSet
 
@@ -163,4 +164,8 @@ def evaluate_classification_set(model, evalset: EvalSet, options: EvalOptions) -
 
 def evaluate_set(model, evalset: EvalSet, options: EvalOptions) -> dict[str, dict[str, float]]:
     run = evaluate_classification_set if evalset.task == CLASSIFICATION else evaluate_retrieval_set
-    return run(model, evalset, options)
+    try:
+        return run(model, evalset, options)
+    except ValueError as e:  # e.g. every sample skipped: one line for the command, not a traceback
+        raise DataError(f"{evalset.name}: {e} ({evalset.stats.brief()}). Fix: check --data-root; --strict stops at "
+                        "the first bad sample and names it") from None
