@@ -109,10 +109,12 @@ def encode_split(encode_images, split, batch_size: int) -> tuple[torch.Tensor, l
 
 @torch.inference_mode()
 def retrieval_features(encode_images, encode_texts, split, sets: dict[str, list[str] | None],
-                       batch_size: int = 256, progress=None) -> dict:
+                       batch_size: int = 256, progress=None, text_batch_size: int | None = None) -> dict:
     """encode_images(pixels [B, 3, H, W]) -> [B, E]; encode_texts(keys, captions) -> [B, E] (both
     L2-normalised). Returns {"images" [I, E], "image_keys", set: (texts [T, E], text_to_image [T], captions)}.
-    `progress`: a callable wrapping the batch iterator (e.g. a tqdm factory), or None."""
+    `progress`: a callable wrapping the batch iterator (e.g. a tqdm factory), or None. `text_batch_size`
+    (default batch_size): texts per encode_texts call; an encoder that length-sorts its own batches
+    wants many at once, so that captions of one length share a batch."""
     batches = split.batches(batch_size)
     image_features, image_keys, image_captions = encode_split(
         encode_images, _Batches(progress(batches) if progress else batches), batch_size)  # [I, E]
@@ -121,7 +123,8 @@ def retrieval_features(encode_images, encode_texts, split, sets: dict[str, list[
         def encode(idx, keys=keys, captions=captions):
             return encode_texts([keys[i] for i in idx], [captions[i] for i in idx])
 
-        features[name] = (encode_in_batches(encode, list(range(len(keys))), batch_size), owner, captions)  # [T, E]
+        features[name] = (encode_in_batches(encode, list(range(len(keys))), text_batch_size or batch_size), owner,
+                          captions)  # [T, E]
     return features
 
 

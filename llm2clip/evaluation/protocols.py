@@ -22,6 +22,9 @@ from ..eval import retrieval_features, retrieval_metrics
 from .base import CLASSIFICATION, EvalSet
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # data.max_image_pixels' default: the decompression-bomb guard
+# captions per encode_texts call: EvalModel length-sorts them into its own batches, so the more it sees
+# at once the less padding its LLM / text tower runs on (only [n, E] outputs are held)
+TEXT_GROUP = 8192
 
 
 @dataclass
@@ -119,7 +122,8 @@ def evaluate_retrieval_set(model, evalset: EvalSet, options: EvalOptions) -> dic
     """{"": metrics over the whole set, "1k": the fold mean (only when evalset.folds > 1)}; fractions."""
     split = SetBatches(evalset, model.processor, options)
     features = retrieval_features(model.encode_images, lambda keys, captions: model.encode_texts(
-        [c.text for c in captions]), split, {"captions": None}, options.batch_size, _bar(evalset, options))
+        [c.text for c in captions]), split, {"captions": None}, options.batch_size, _bar(evalset, options),
+        text_batch_size=TEXT_GROUP)
     if "captions" not in features:
         raise ValueError(f"{evalset.name}: no caption was read ({evalset.stats.brief()})")
     images = features["images"]  # [I, E]
