@@ -184,9 +184,10 @@ class LlavaForCausalLM(nn.Module):
             (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds,
              labels) = self.prepare_inputs_labels_for_multimodal(input_ids, position_ids, attention_mask,
                                                                  past_key_values, labels, images, image_sizes)
+        if past_key_values is not None:  # transformers 5.x warns on the name even when None is passed
+            kwargs["past_key_values"] = past_key_values
         return self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                                   **kwargs)
+                                   inputs_embeds=inputs_embeds, labels=labels, **kwargs)
 
     @torch.inference_mode()
     def generate(self, input_ids, images=None, attention_mask=None, image_sizes=None,
