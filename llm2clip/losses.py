@@ -29,6 +29,12 @@ def caption_contrastive_loss(query: torch.Tensor, positive: torch.Tensor, negati
     return F.cross_entropy(logits, labels)
 
 
+def alignment_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance between paired unit vectors, a/b [B, D] -> scalar (2 - 2 cos per pair):
+    Wang & Isola's alignment term, the MSE of Reimers & Gurevych's multilingual distillation."""
+    return (F.normalize(a.float(), dim=-1) - F.normalize(b.float(), dim=-1)).pow(2).sum(-1).mean()
+
+
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
               logit_scale: torch.Tensor | float) -> torch.Tensor:
     """Symmetric InfoNCE on L2-normalised [N, D] features (public API, one process).

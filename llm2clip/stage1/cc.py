@@ -21,10 +21,10 @@ from ..embedder import CaptionEmbedder, EmbedderConfig, load_backbone, resolve_d
 from ..errors import ConfigError
 from ..files import atomic_dir
 from ..guards import apply_step, check_policy
-from ..losses import caption_contrastive_loss
+from ..losses import alignment_loss, caption_contrastive_loss
 from .common import TrainState, make_optimizer, seed_everything
 from .lora import LoraSettings, add_lora
-from .pairs import PairSampler, read_caption_groups, read_text_pairs
+from .pairs import INSTRUCTIONS, PairSampler, read_caption_groups, read_text_pairs
 
 
 @dataclass
@@ -32,6 +32,10 @@ class CCConfig:
     data: str = "${data.path}"  # captions: any format the data readers take
     text_pairs: str | None = "${run.out_dir}/data/parallel.jsonl"  # {source, target} JSONL, or null
     translation_fraction: float = 0.3  # share of batches drawn from text_pairs
+    # > 0: translation batches embed both sides as documents (the instruction the cache uses) and add
+    # this weight x the mean squared distance of each unit pair, so the vectors stage 2 reads for a
+    # text and its translation coincide, not only rank first (docs/STAGE1.md)
+    translation_alignment: float = 0.0
     long_long_fraction: float = 0.0  # share of caption batches pairing two long paraphrases (rest: short<->long)
     mixed_directions: bool = True  # draw short->long / long->short per row, as LLM2CLIP's E5_cc3m.py
     mixed_from_step: int = 0  # per-row directions from this step on; one direction per batch before it
@@ -61,6 +65,8 @@ class CCConfig:
     def validate(self) -> None:
         if not 0.0 <= self.translation_fraction < 1.0:
             raise ConfigError("stage1.cc.translation_fraction must be in [0, 1)")
+        if self.translation_alignment < 0:
+            raise ConfigError("stage1.cc.translation_alignment must be >= 0 (0: off)")
         if self.mixed_from_step < 0:
             raise ConfigError("stage1.cc.mixed_from_step must be >= 0 (0: per-row directions from the start)")
         if self.short_long_from_step is not None and self.short_long_from_step < 0:
@@ -153,8 +159,13 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
     for step in tqdm(range(start, cfg.steps), desc="stage1 cc", disable=not progress or rank != 0, initial=start,
                      total=cfg.steps):
         pairs = sampler.batch(cfg.batch_size * world_size)[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+        align = cfg.translation_alignment > 0 and pairs[0].instruction == INSTRUCTIONS["translation"]
+        if align:  # queries as documents: the alignment acts on the vectors the cache will hold
+            pairs = [replace(p, instruction=None) for p in pairs]
         queries, positives, *negatives = _embed_pairs(model, embedder, pairs, cfg.hard_negatives)  # [B, D] each
         loss = caption_contrastive_loss(queries, positives, negatives[0] if negatives else None, scale=cfg.scale)
+        if align:
+            loss = loss + cfg.translation_alignment * alignment_loss(queries, positives)
         if cfg.deepspeed:
             engine.backward(loss)
             apply_step(loss, step, "stage1.cc.nonfinite", "stop")
