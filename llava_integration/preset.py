@@ -33,7 +33,7 @@ RECIPES = {  # LLaVA-1.5's scripts: projector-only pretraining, then instruction
                  "--lr_scheduler_type", "cosine", "--num_train_epochs", "1", "--bf16", "True",
                  "--gradient_checkpointing", "True", "--save_strategy", "no"],
 }
-TINY = {  # sized so each script finishes within 10 minutes on 2 CPU cores (docs/LLAVA.md)
+TINY = {  # the smallest budgets that show the towers apart on 2 CPU cores (docs/LLAVA.md)
     # 338 steps: 3 epochs of the former 3,600 train images; a step count keeps the script's time fixed
     # as the world's train split grows (9,600 images since issue #20)
     "pretrain": ["--per_device_train_batch_size", "32", "--model_max_length", "512", "--max_steps", "338",
@@ -41,7 +41,10 @@ TINY = {  # sized so each script finishes within 10 minutes on 2 CPU cores (docs
     # The world's instruction data keeps Q&A conversations (193-239 tokens with the image's 9 rows) and
     # detailed descriptions (211-430) in separate samples, so 512 cuts nothing; batches grouped by length
     # pad to ~4.05k tokens a step instead of ~5.9k (randomly mixed), as many as the old layout cut at 256.
-    "finetune": ["--per_device_train_batch_size", "16", "--learning_rate", "1e-3", "--max_steps", "500",
+    # 1000 steps: at 500 the tiny LLM answers each question type with one constant (count, existence),
+    # so the towers differ in colour alone; at 1000 count answers vary and the LLM2CLIP tower leads in
+    # each of 3 seeds (issue #20, docs/LLAVA.md)
+    "finetune": ["--per_device_train_batch_size", "16", "--learning_rate", "1e-3", "--max_steps", "1000",
                  "--model_max_length", "512", "--group_by_length", "True",
                  "--gradient_checkpointing", "False", "--logging_steps", "50"],
 }
