@@ -121,7 +121,9 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
     sampler = PairSampler(groups, text_pairs, long_long_fraction=cfg.long_long_fraction,
                           translation_fraction=cfg.translation_fraction, seed=seed * 1000, task_seed=seed,
                           mixed_directions=cfg.mixed_directions, mixed_from_batch=cfg.mixed_from_step,
-                          short_long_from_batch=cfg.short_long_from_step)
+                          short_long_from_batch=cfg.short_long_from_step,
+                          # aligned text pairs are embedded as documents on both sides: the vectors stage 2 reads
+                          translation_instruction=None if cfg.translation_alignment else INSTRUCTIONS["translation"])
 
     device = resolve_device(emb_cfg.device)
     if device.type == "cuda" and world_size > 1:
@@ -159,9 +161,7 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
     for step in tqdm(range(start, cfg.steps), desc="stage1 cc", disable=not progress or rank != 0, initial=start,
                      total=cfg.steps):
         pairs = sampler.batch(cfg.batch_size * world_size)[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-        align = cfg.translation_alignment > 0 and pairs[0].instruction == INSTRUCTIONS["translation"]
-        if align:  # queries as documents: the alignment acts on the vectors the cache will hold
-            pairs = [replace(p, instruction=None) for p in pairs]
+        align = cfg.translation_alignment > 0 and pairs[0].kind == "translation"
         queries, positives, *negatives = _embed_pairs(model, embedder, pairs, cfg.hard_negatives)  # [B, D] each
         loss = caption_contrastive_loss(queries, positives, negatives[0] if negatives else None, scale=cfg.scale)
         if align:

@@ -33,7 +33,8 @@ class Pair:
     query: str
     positive: str
     negative: str
-    instruction: str
+    instruction: str | None  # the query's; None: as a document (the embedder's caption instruction)
+    kind: str = "caption"  # "translation" for text pairs
 
 
 @dataclass
@@ -73,17 +74,20 @@ class PairSampler:
 
     def __init__(self, groups: list[CaptionGroup], text_pairs: list[tuple[str, str]], *, long_long_fraction: float,
                  translation_fraction: float, seed: int, task_seed: int | None = None, text_pair_buckets: int = 4,
-                 mixed_directions: bool = True, mixed_from_batch: int = 0, short_long_from_batch: int | None = None):
+                 mixed_directions: bool = True, mixed_from_batch: int = 0, short_long_from_batch: int | None = None,
+                 translation_instruction: str | None = INSTRUCTIONS["translation"]):
         """`seed` draws the samples (the same on every rank: each trains on its slice of a global batch);
         `task_seed` draws each batch's kind and direction and must be equal on every rank, because
         negatives are gathered across ranks. `long_long_fraction`: share of caption batches pairing two
         long paraphrases (the rest pair short with long). `mixed_directions`: each row draws its own
         direction (LLM2CLIP's E5_cc3m.py) from batch `mixed_from_batch` on; before it, and without it,
         one direction per batch. From batch `short_long_from_batch` on, caption batches pair short with
-        long only (text pairs keep their share)."""
+        long only (text pairs keep their share). `translation_instruction`: the text-pair queries'
+        instruction; None embeds them as documents, like their positives."""
         self.groups = groups
         self.mixed_directions, self.mixed_from_batch, self.batches_drawn = mixed_directions, mixed_from_batch, 0
         self.short_long_from_batch = short_long_from_batch
+        self.translation_instruction = translation_instruction
         self.rng = random.Random(seed)
         self.task_rng = random.Random(seed if task_seed is None else task_seed)
         # Text pairs come in length buckets, one bucket per batch: a batch mixing words and paragraphs
@@ -147,8 +151,8 @@ class PairSampler:
         src, tgt = bucket[i]
         neg_src, neg_tgt = bucket[self._other(len(bucket), i)]
         if forward:
-            return Pair(src, tgt, neg_tgt, INSTRUCTIONS["translation"])
-        return Pair(tgt, src, neg_src, INSTRUCTIONS["translation"])
+            return Pair(src, tgt, neg_tgt, self.translation_instruction, "translation")
+        return Pair(tgt, src, neg_src, self.translation_instruction, "translation")
 
 
 def _json_state(state: tuple) -> list:
