@@ -13,6 +13,7 @@ llm2clip/stamps.py), unless `force`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -77,7 +78,8 @@ def _step_inputs(cfg) -> dict:
     return inputs
 
 
-def _stage1(cfg, ledger, inputs, force: bool, progress: bool) -> dict:
+def _stage1(cfg, ledger, inputs, force: bool, progress: bool, timed=None) -> dict:
+    """Stage 1's steps that are due; `timed(name, fn)` wraps each one that runs (seconds, FLOPs)."""
     from .stage1 import cli as s1
 
     out = {}
@@ -87,7 +89,7 @@ def _stage1(cfg, ledger, inputs, force: bool, progress: bool) -> dict:
 
     def run(step: str, fn, partial: str | None = None):
         _begin(ledger, step, inputs[step](), force, partial)
-        result = fn(cfg, progress)
+        result = timed(f"stage1.{step}", lambda: fn(cfg, progress)) if timed else fn(cfg, progress)
         ledger.record(step, inputs[step]())
         return result
 
@@ -164,7 +166,18 @@ def check_inputs(cfg) -> None:
             raise missing_path(key, path)
 
 
-def run_main(cfg, *, force: bool = False, progress: bool = True) -> dict:
+def _flop_counter(enabled: bool):
+    """FlopCounterMode (matmuls, convolutions and attention, forward and backward) or nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False)
+
+
+def run_main(cfg, *, force: bool = False, progress: bool = True, count_flops: bool = False) -> dict:
+    """`count_flops` adds each step's FLOPs to run_summary.json (`flops`); counting costs wall time, so a
+    budget's seconds come from a run without it (benchmarks/main_job_floor.py reads both)."""
     from .report import print_results
     from .stage2 import runs
     from .stage2.evaluate import run_eval
@@ -172,12 +185,15 @@ def run_main(cfg, *, force: bool = False, progress: bool = True) -> dict:
     check_inputs(cfg)
     start = time.perf_counter()
     out = Path(cfg.run.out_dir)
-    summary, seconds = {}, {}
+    summary, seconds, flops = {}, {}, {}
 
     def timed(name, fn):
         t0 = time.perf_counter()
-        result = fn()
+        with _flop_counter(count_flops) as counter:
+            result = fn()
         seconds[name] = round(time.perf_counter() - t0, 1)
+        if counter is not None:
+            flops[name] = counter.get_total_flops()
         return result
 
     if cfg.synth.enabled:
@@ -187,7 +203,7 @@ def run_main(cfg, *, force: bool = False, progress: bool = True) -> dict:
         summary["data"] = timed("data", lambda: synthesize(cfg.synth, out / "data", overwrite=force,
                                                            progress=progress)["splits"])
     ledger, inputs = Ledger(out), _step_inputs(cfg)
-    summary["stage1"] = timed("stage1", lambda: _stage1(cfg, ledger, inputs, force, progress))
+    summary["stage1"] = _stage1(cfg, ledger, inputs, force, progress, timed)  # timed per step that runs
     summary["cache"] = timed("cache", lambda: _cache(cfg, ledger, inputs, force, progress))
     train_data = None
 
@@ -217,6 +233,8 @@ def run_main(cfg, *, force: bool = False, progress: bool = True) -> dict:
         export_vision_tower(runs.model_folder(stage2.clip_finetune), out / "clip_vision_tower")
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
     summary["seconds"] = seconds  # per step, for the 10-minute budget of the tiny preset
+    if count_flops:
+        summary["flops"] = flops  # per step; reused steps count 0 (stage 1's are not listed)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "run_summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     print_results(results)

@@ -81,7 +81,7 @@ def _stage2(args) -> int:
 def _run(args) -> int:
     from ..pipeline import run_main
 
-    run_main(_cfg(args), force=args.force, progress=not args.no_progress)
+    run_main(_cfg(args), force=args.force, progress=not args.no_progress, count_flops=args.count_flops)
     return 0
 
 
@@ -165,6 +165,8 @@ def add_parsers(groups, add_config_args) -> None:
 
     run = common(groups.add_parser("run", help="the main job, end to end (reuses finished steps)"), _run)
     run.add_argument("--force", action="store_true", help="redo every step")
+    run.add_argument("--count-flops", action="store_true",
+                     help="record each step's FLOPs (torch.utils.flop_counter) in run_summary.json; slower")
 
     export = common(groups.add_parser("export", help="export a trained LLM2CLIP model"), _export)
     export.add_argument("--model", help="LLM2CLIP model folder (default: stage2.llm2clip.out/model)")

@@ -39,7 +39,7 @@ def preset_run(inputs, tmp_path_factory):
     sets = _sets(inputs, out)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DS_BUILD_OPS", "0")
-        assert main(["run", "--config", PRESET, "--no-progress", *sets]) == 0
+        assert main(["run", "--config", PRESET, "--no-progress", "--count-flops", *sets]) == 0
     return inputs, out, sets
 
 
@@ -65,6 +65,11 @@ def test_paper_preset_runs_and_exports_on_real_formats(preset_run, tmp_path):
         assert CLIPVisionModel.from_pretrained(out / tower).config.image_size == SIZE
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["stage1"]["cc"]["world_size"] == 1  # ZeRO-2 from the preset, one plain process
+    # --count-flops: every step that ran counted its matmuls, DeepSpeed's CC step and the cache included
+    assert set(summary["flops"]) == set(summary["seconds"])
+    assert summary["clip_pretrain"] is None and summary["flops"]["clip_pretrain"] == 0  # off in the preset
+    ran = set(summary["seconds"]) - {"clip_pretrain"}
+    assert all(summary["flops"][step] > 0 for step in ran), summary["flops"]
 
     exported = tmp_path / "exported"
     assert main(["export", "--config", PRESET, "--no-progress", *sets, "--out", str(exported)]) == 0
