@@ -198,8 +198,7 @@ def test_main_job_end_to_end_micro_run(world, tmp_path):
     assert CLIPVisionModel.from_pretrained(tmp_path / "vision_tower").config.model_type == "clip_vision_model"
     assert LLM2CLIP.from_pretrained(tmp_path / "llm2clip").llm_dim == 32
     assert (tmp_path / "plots/training_curves.png").is_file() and (tmp_path / "plots/top5_long_captions.png").is_file()
-    first = json.loads((tmp_path / "run_summary.json").read_text())["seconds"]
-    assert {"stage1.cc", "stage1.cra", "cache", "llm2clip", "eval"} <= set(first)  # stage 1 timed per step
+    assert {"stage1.cc", "stage1.cra"} <= set(json.loads((tmp_path / "run_summary.json").read_text())["seconds"])
     assert main([*argv, "--set", "synth.enabled=false"]) == 0  # everything is reused
     summary = json.loads((tmp_path / "run_summary.json").read_text())
     assert summary["stage1"] == {} and summary["cache"]["reused"] and "reused" in summary["llm2clip"]
