@@ -19,10 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark scripts import each other by module name
+from vqa_seeds import score
 
 ATTRIBUTES = ("shape", "color", "size")
 EMPTY = "empty"
@@ -105,37 +109,37 @@ class Answerer:
 
 
 def answer_all(items: list[dict], probs: dict[str, np.ndarray], row_of: dict[str, int], w) -> dict[str, float]:
-    from llava_integration.evaluate import TYPES, normalize
+    """Overall and per-type exact match (percent), scored as vqa_seeds.py scores LLaVA's predictions."""
+    from llava_integration.evaluate import normalize
 
     answer = Answerer(w)
-    hits: dict[str, list[bool]] = {t: [] for t in TYPES}
+    predictions = []
     for item in items:
         n = row_of[item["id"]]
         predicted = answer({a: probs[a][n] for a in ATTRIBUTES}, item["question"])
-        hits[item["type"]].append(normalize(predicted) == normalize(item["answer"]))
-    out = {"overall": 100 * sum(map(sum, hits.values())) / sum(map(len, hits.values()))}
-    out.update({t: 100 * sum(h) / len(h) for t, h in hits.items() if h})
-    return {k: round(v, 2) for k, v in out.items()}
+        predictions.append({"type": item["type"], "correct": normalize(predicted) == normalize(item["answer"])})
+    return score(predictions)
 
 
-def tower_features(folder: Path, rows: list[dict], data_dir: Path, layer: int = -2, feature: str = "patch",
-                   batch: int = 128) -> np.ndarray:
-    """[N, T * C]: one layer's tokens as LLaVA selects them (T = 9 patches, or 10 with `cls_patch`); the
-    tiny preset's LLaVA reads layer -2, `patch`."""
+def tower_features(folder: Path, images: dict[str, list], layer: int = -2, feature: str = "patch",
+                   batch: int = 128) -> dict[str, np.ndarray]:
+    """split -> [N, T * C]: one layer's tokens as LLaVA selects them (T = 9 patches, or 10 with
+    `cls_patch`); the tiny preset's LLaVA reads layer -2, `patch`. The tower is loaded once."""
     import torch
-    from PIL import Image
 
     from llava_integration.tower import LLM2CLIPVisionTower
 
     args = SimpleNamespace(mm_vision_select_layer=layer, mm_vision_select_feature=feature)
     tower = LLM2CLIPVisionTower(str(folder), args)
-    chunks = []
+    features = {}
     with torch.inference_mode():
-        for i in range(0, len(rows), batch):
-            images = [Image.open(data_dir / r["image"]).convert("RGB") for r in rows[i:i + batch]]
-            pixels = tower.image_processor(images, return_tensors="pt")["pixel_values"]
-            chunks.append(tower(pixels).flatten(1).float().numpy())  # [b, T * C]
-    return np.concatenate(chunks)
+        for split, split_images in images.items():
+            chunks = []
+            for i in range(0, len(split_images), batch):
+                pixels = tower.image_processor(split_images[i:i + batch], return_tensors="pt")["pixel_values"]
+                chunks.append(tower(pixels).flatten(1).float().numpy())  # [b, T * C]
+            features[split] = np.concatenate(chunks)
+    return features
 
 
 def fit_probes(x: dict[str, np.ndarray], labels: dict[str, list], w, strengths=(0.01, 0.1, 1.0)):
@@ -163,6 +167,7 @@ def fit_probes(x: dict[str, np.ndarray], labels: dict[str, list], w, strengths=(
 
 def main() -> None:
     from llava_integration.evaluate import vqa_items
+    from llm2clip.data.images import load_image
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", type=Path, default=Path("runs/tiny"))
@@ -183,12 +188,13 @@ def main() -> None:
     if any(v != 100 for v in truth.values()):
         raise SystemExit(f"answering from the true scenes should score 100 on every type, got {truth}")
 
+    images = {s: [load_image(data / r["image"], max_pixels=1 << 30) for r in rows[s]] for s in rows}  # decoded once
     report = {"questions": len(items), "train_images": len(rows["train"]), "layer": args.layer,
               "feature": args.feature,
               "true_scene": truth, "towers": {}}
     for name in args.towers.split(","):
         folder = args.run / TOWERS[name]
-        x = {s: tower_features(folder, rows[s], data, args.layer, args.feature) for s in rows}
+        x = tower_features(folder, images, args.layer, args.feature)
         probs, accuracy = fit_probes(x, labels, w)
         report["towers"][name] = {"folder": str(folder), "cell_probe_accuracy": accuracy,
                                   "vqa_from_probes": answer_all(items, probs, row_of, w)}
