@@ -3,7 +3,7 @@ pooled hidden states (the embedder's own pooling over text tokens) as they are, 
 trained for short↔long retrieval (a diagnostic for issue #20's short↔long CRA).
 
     python benchmarks/pooled_layer_probe.py [--embedder runs/tiny/stage1/cc] [--raw]
-        [--train runs/tiny/data/train.jsonl] [--test runs/tiny/data/test.jsonl] [--train-images 9600]
+        [--model LM] [--train runs/tiny/data/train.jsonl] [--test runs/tiny/data/test.jsonl] [--train-images 9600]
 
 Per layer l (0 = the token embeddings, i.e. a bag of words; the last = the embedder's output, which must
 reproduce `llm2clip stage1 eval-cra`'s short_long): `as_is`, the cross-set top-1 of the pooled vectors
@@ -72,12 +72,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--embedder", default="runs/tiny/stage1/cc")
     parser.add_argument("--raw", action="store_true", help="without the embedder's adapters (the LM before CC)")
+    parser.add_argument("--model", default=None, help="another backbone under the embedder's pooling and "
+                        "instruction (with --raw: an LM before CC, e.g. a wider one)")
     parser.add_argument("--train", default="runs/tiny/data/train.jsonl")
     parser.add_argument("--test", default="runs/tiny/data/test.jsonl")
     parser.add_argument("--train-images", type=int, default=9600)
     parser.add_argument("--steps", type=int, default=3000)
     args = parser.parse_args()
-    embedder = CaptionEmbedder.from_pretrained(args.embedder, **({"adapters": []} if args.raw else {}))
+    overrides = {"adapters": []} if args.raw else {}
+    if args.model:
+        overrides["model"] = args.model
+    embedder = CaptionEmbedder.from_pretrained(args.embedder, **overrides)
 
     def captions(path: str, limit: int | None = None) -> tuple[list[str], list[str]]:
         with open(path, encoding="utf-8") as f:
@@ -92,8 +97,8 @@ def main() -> None:
                              "linear": round(linear_probe(train_s[:, i], train_l[:, i], test_s[:, i], test_l[:, i],
                                                           steps=args.steps), 2)}
               for i in range(test_s.shape[1])}
-    print(json.dumps({"embedder": args.embedder, "adapters": not args.raw, "train_images": len(train_s),
-                      "test_images": len(test_s), "layers": layers}))
+    print(json.dumps({"embedder": args.embedder, "model": embedder.cfg.model, "adapters": not args.raw,
+                      "train_images": len(train_s), "test_images": len(test_s), "layers": layers}))
 
 
 if __name__ == "__main__":
