@@ -91,7 +91,8 @@ def main() -> None:
 
     train, test = captions(args.train, args.train_images), captions(args.test)
     (train_s, train_l), (test_s, test_l) = ([layer_features(embedder, t) for t in pair] for pair in (train, test))
-    if not torch.allclose(test_s[:, -1], embedder.encode(test[0]), atol=1e-4):  # the output stage 2 reads
+    check = 64  # a sample suffices to tie the last layer to what stage 2 reads; all would encode twice
+    if not torch.allclose(test_s[:check, -1], embedder.encode(test[0][:check]), atol=1e-4):
         raise AssertionError("the last layer's pooled states differ from CaptionEmbedder.encode")
     layers = {f"layer {i}": {"as_is": round(cross_set_accuracy(test_s[:, i], test_l[:, i]), 2),
                              "linear": round(linear_probe(train_s[:, i], train_l[:, i], test_s[:, i], test_l[:, i],
