@@ -55,6 +55,9 @@ class CCConfig:
     # attention while training; null: embedder.attn_implementation. The saved embedder keeps the
     # embedder's (on CPU, eager trains a tiny LM faster, sdpa encodes 1.9x faster)
     attn_implementation: str | None = None
+    # the training forward: bf16 autocast where it pays and embedder.autocast allows it (llm2clip.precision)
+    # | fp32. The saved embedder keeps embedder.autocast for encoding
+    precision: str = "bf16"
     deepspeed: str | None = None  # DeepSpeed JSON config; run under torchrun or the deepspeed launcher
     checkpoint_every: int = 100  # steps between atomic checkpoints of the LoRA weights and state (0 = none)
     keep_checkpoints: int = 2
@@ -81,6 +84,8 @@ class CCConfig:
             raise ConfigError("stage1.cc.attn_implementation must be null, sdpa, eager or flash_attention_2")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ConfigError("stage1.cc.checkpoint_every must be >= 0 and keep_checkpoints >= 1")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"stage1.cc.precision: '{self.precision}' must be bf16 or fp32")
         check_policy("stage1.cc.nonfinite", self.nonfinite, self.deepspeed)
 
     def resume_key(self, seed: int) -> dict:
@@ -135,7 +140,8 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
                           "(llm2clip stage1 merge) and point embedder.model at the merged folder")
     backbone, tokenizer = load_backbone(train_emb_cfg, device)
     backbone = add_lora(backbone, cfg.lora, quantized=cfg.qlora, gradient_checkpointing=cfg.gradient_checkpointing)
-    embedder = CaptionEmbedder(backbone, tokenizer, emb_cfg)
+    train_autocast = emb_cfg.autocast and cfg.precision == "bf16"
+    embedder = CaptionEmbedder(backbone, tokenizer, replace(emb_cfg, autocast=train_autocast))
     embedder.train()
     optimizer, scheduler = make_optimizer(embedder.parameters(), cfg.lr, cfg.weight_decay, cfg.warmup_steps,
                                           cfg.steps, cfg.lr_schedule)
@@ -151,7 +157,7 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
 
         init_for_deepspeed()  # one process without a launcher: a one-rank group, not MPI
         ds_config = deepspeed_config(cfg.deepspeed, cfg.batch_size, world_size, cfg.max_grad_norm,
-                                     bf16=device.type == "cuda")
+                                     bf16=device.type == "cuda" and cfg.precision == "bf16")
         engine, optimizer, _, scheduler = deepspeed.initialize(model=embedder, optimizer=optimizer,
                                                                lr_scheduler=scheduler, config=ds_config)
         model = engine
@@ -222,7 +228,8 @@ def save_cc_adapter(embedder: CaptionEmbedder, emb_cfg: EmbedderConfig, out: str
         embedder.tokenizer.save_pretrained(tmp)
         adapters = [str(Path(a).resolve()) for a in emb_cfg.adapters] + ["."]
         model = emb_cfg.model if not Path(emb_cfg.model).exists() else str(Path(emb_cfg.model).resolve())
-        embedder.save_config(tmp, model=model, adapters=adapters, load_in_4bit=False)
+        # the encoding precision is the embedder's, whatever stage1.cc.precision trained with
+        embedder.save_config(tmp, model=model, adapters=adapters, load_in_4bit=False, autocast=emb_cfg.autocast)
 
 
 # -- kill and resume: LoRA weights, optimizer, schedule and every rank's RNG streams ---------------------

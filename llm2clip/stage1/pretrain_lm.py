@@ -36,6 +36,7 @@ class PretrainLMConfig:
     warmup_steps: int = 40
     weight_decay: float = 0.01
     attn_implementation: str = "sdpa"  # sdpa | eager (eager is faster on CPU at short lengths)
+    precision: str = "bf16"  # bf16: autocast where it pays (llm2clip.precision) | fp32
     corpus: str = "${run.out_dir}/data/corpus.txt"
     tokenizer: str = "${run.out_dir}/data/tokenizer"
     out: str = "${run.out_dir}/stage1/lm"
@@ -47,6 +48,8 @@ class PretrainLMConfig:
             raise ConfigError("stage1.pretrain.hidden_size must be divisible by stage1.pretrain.num_heads")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ConfigError("stage1.pretrain.attn_implementation must be sdpa or eager")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"stage1.pretrain.precision: '{self.precision}' must be bf16 or fp32")
 
 
 def pack_corpus(lines: list[str], tokenizer, seq_len: int) -> torch.Tensor:
@@ -89,7 +92,7 @@ def pretrain_lm(cfg: PretrainLMConfig, seed: int = 0, progress: bool = True) -> 
             order = torch.randperm(len(blocks), generator=generator)
         idx = order[start:start + cfg.batch_size]
         batch = blocks[idx].to(device)
-        with bf16_autocast(device):
+        with bf16_autocast(device, enabled=cfg.precision == "bf16"):
             loss = model(input_ids=batch, labels=batch).loss  # HF shifts labels for causal LM
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
