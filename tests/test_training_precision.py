@@ -71,7 +71,7 @@ def test_pretrain_precision_sets_the_training_forward(world, tmp_path, monkeypat
 
 
 def test_unknown_precision_is_an_error_that_names_the_choices():
-    with pytest.raises(ConfigError, match="stage1.cc.precision.*bf16 or fp32"):
+    with pytest.raises(ConfigError, match=r"stage1\.cc\.precision.*bf16 or fp32"):
         CCConfig(precision="fp16").validate()
-    with pytest.raises(ConfigError, match="stage1.pretrain.precision.*bf16 or fp32"):
+    with pytest.raises(ConfigError, match=r"stage1\.pretrain\.precision.*bf16 or fp32"):
         PretrainLMConfig(precision="half").validate()
