@@ -204,3 +204,28 @@ def test_translation_alignment_pulls_a_text_and_its_translation_together(world, 
     assert distance[4.0] < 0.8 * distance[0.0], distance
     with pytest.raises(Exception, match="translation_alignment"):
         CCConfig(translation_alignment=-1.0).validate()
+
+
+def test_cc_on_step_sees_every_step_and_a_saved_snapshot_is_that_steps_adapter(world, lm_dir, tmp_path):
+    """train_cc(on_step=...) runs after each optimizer step with the live embedder (benchmarks/cc_curve.py
+    saves snapshots through it): a snapshot saved at step 2 of 4 loads, and encodes unlike the final one."""
+    from llm2clip.stage1.cc import CCConfig, train_cc
+
+    emb_cfg = EmbedderConfig(model=str(lm_dir), device="cpu", max_length=96)
+    cfg = CCConfig(data=str(world / "train.jsonl"), text_pairs=None, translation_fraction=0.0, steps=4,
+                   batch_size=4, lr=5e-3, warmup_steps=0, lr_schedule="constant", hard_negatives=False,
+                   gradient_checkpointing=False, checkpoint_every=0, out=str(tmp_path / "cc"),
+                   checkpoint_dir=str(tmp_path / "ckpt"))
+    seen = []
+
+    def on_step(step, embedder):
+        seen.append(step)
+        assert isinstance(embedder, CaptionEmbedder) and embedder.model.training
+        if step == 2:
+            save_cc_adapter(embedder, emb_cfg, str(tmp_path / "step_2"))
+
+    train_cc(cfg, emb_cfg, seed=0, progress=False, on_step=on_step)
+    assert seen == [1, 2, 3, 4]
+    mid = CaptionEmbedder.from_pretrained(tmp_path / "step_2").encode(TEXTS)
+    final = CaptionEmbedder.from_pretrained(tmp_path / "cc").encode(TEXTS)
+    assert mid.shape == final.shape and not torch.allclose(mid, final, atol=1e-4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -113,9 +114,11 @@ def deepspeed_config(path: str, micro_batch: int, world_size: int, max_grad_norm
 
 
 def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bool = True,
-             data_cfg: DataConfig | None = None) -> dict:
+             data_cfg: DataConfig | None = None,
+             on_step: Callable[[int, CaptionEmbedder], None] | None = None) -> dict:
     """Train a CC LoRA on top of `emb_cfg` (base + earlier adapters, merged) and save it to cfg.out.
-    `data_cfg` supplies caption column names (its path is replaced by cfg.data)."""
+    `data_cfg` supplies caption column names (its path is replaced by cfg.data). `on_step(steps_done,
+    embedder)` runs on rank 0 after every optimizer step (e.g. to save the adapter for a CRA curve)."""
     cfg.validate()
     rank, world_size = init_from_env()
     seed_everything(seed + rank)
@@ -189,6 +192,8 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
         logged = global_mean(loss)  # the whole batch's loss, as one process would log it
         if torch.isfinite(logged):
             state.log(logged.item())
+        if on_step is not None and rank == 0:
+            on_step(step + 1, embedder)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             _checkpoint(cfg, seed, step + 1, embedder, None if cfg.deepspeed else optimizer, scheduler, sampler,
                         state, rank, world_size)
