@@ -207,7 +207,7 @@ def test_translation_alignment_pulls_a_text_and_its_translation_together(world, 
 
 
 def test_cc_on_step_sees_every_step_and_a_saved_snapshot_is_that_steps_adapter(world, lm_dir, tmp_path):
-    """train_cc(on_step=...) runs after each optimizer step with the live embedder (benchmarks/cc_curve.py
+    """train_cc(on_step=...) runs after each training step with the live embedder (benchmarks/cc_curve.py
     saves snapshots through it): a snapshot saved at step 2 of 4 loads, and encodes unlike the final one."""
     from llm2clip.stage1.cc import CCConfig, train_cc
 

@@ -118,7 +118,7 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
              on_step: Callable[[int, CaptionEmbedder], None] | None = None) -> dict:
     """Train a CC LoRA on top of `emb_cfg` (base + earlier adapters, merged) and save it to cfg.out.
     `data_cfg` supplies caption column names (its path is replaced by cfg.data). `on_step(steps_done,
-    embedder)` runs on rank 0 after every optimizer step (e.g. to save the adapter for a CRA curve)."""
+    embedder)` runs on rank 0 after every training step (e.g. to save the adapter for a CRA curve)."""
     cfg.validate()
     rank, world_size = init_from_env()
     seed_everything(seed + rank)
