@@ -37,14 +37,17 @@ def main() -> None:
         parser.error("stage1.cra_data is null: set it to the split whose CRA to follow (e.g. val)")
     base = _cc_base(cfg)
 
+    folders = {}  # step -> adapter folder; only this run's (an earlier run may have left others in --out)
+
     def snapshot(step: int, embedder) -> None:
         if step % args.every == 0 and step < cfg.stage1.cc.steps:
-            save_cc_adapter(embedder, base, str(out / f"step_{step}"))
+            folders[step] = out / f"step_{step}"
+            save_cc_adapter(embedder, base, str(folders[step]))
 
     train_cc(cfg.stage1.cc, base, seed=cfg.run.seed, progress=False, data_cfg=cfg.data, on_step=snapshot)
     views, _ = collect_views(cfg.stage1.cra_data, cfg.data, cfg.stage1.cra_caption_keys,
                              cfg.stage1.cra_second_language_key)
-    folders = {int(p.name.split("_")[1]): p for p in out.glob("step_*")} | {cfg.stage1.cc.steps: out / "cc"}
+    folders[cfg.stage1.cc.steps] = out / "cc"
     curve = {step: evaluate_cra(CaptionEmbedder.from_pretrained(folders[step], device=cfg.embedder.device), views)
              for step in sorted(folders)}
     (out / "curve.json").write_text(json.dumps({"data": cfg.stage1.cra_data, "curve": curve}, indent=1) + "\n")
