@@ -1,7 +1,10 @@
 """Pretrain a tiny causal LM on the shapes-world corpus, so it knows the world's language before
 stage 1 (the embedded default's stand-in for Llama's pretraining). Real runs skip this step.
 
-GPT-style packing: the corpus is tokenised once, joined with EOS, and cut into `seq_len` blocks.
+`packing: blocks` is GPT-style: the corpus is tokenised once, joined with EOS, and cut into `seq_len`
+blocks, so a block starts mid-text and attends across texts. `packing: documents` trains each text on
+its own from position 0 (as Llama 3 masks attention between documents), in length-bucketed padded
+batches of at most `batch_size * seq_len` tokens: the way the embedder later reads a caption.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ class PretrainLMConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 384
-    seq_len: int = 128
+    seq_len: int = 128  # blocks: block length; documents: longest text (longer ones are cut)
+    packing: str = "blocks"  # blocks | documents
     batch_size: int = 32
     steps: int = 400
     lr: float = 3e-3
@@ -48,6 +52,8 @@ class PretrainLMConfig:
             raise ConfigError("stage1.pretrain.hidden_size must be divisible by stage1.pretrain.num_heads")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ConfigError("stage1.pretrain.attn_implementation must be sdpa or eager")
+        if self.packing not in ("blocks", "documents"):
+            raise ConfigError(f"stage1.pretrain.packing: '{self.packing}' must be blocks or documents")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"stage1.pretrain.precision: '{self.precision}' must be bf16 or fp32")
 
@@ -63,6 +69,46 @@ def pack_corpus(lines: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n_blocks * seq_len]).view(n_blocks, seq_len)
 
 
+def block_batches(blocks: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """(endless [batch_size, seq_len] batches of packed blocks, reshuffled every epoch; block count)."""
+    def batches():
+        while True:
+            order = torch.randperm(len(blocks), generator=generator)
+            for start in range(0, len(blocks) - batch_size + 1, batch_size):
+                batch = blocks[order[start:start + batch_size]]
+                yield batch, batch, None  # no mask: the blocks have no padding
+    return batches(), len(blocks)
+
+
+def document_batches(docs: list[list[int]], tokens_per_batch: int, pad_id: int,
+                     generator: torch.Generator):
+    """Endless padded batches ([n, longest] ids, with -100 labels on padding), one epoch at a time.
+
+    Each epoch shuffles the texts, sorts windows of 64 batches' worth by length (so little of a batch is
+    padding) and shuffles the batches again.
+    """
+    mean_len = sum(map(len, docs)) / len(docs)
+    window = max(1, int(64 * tokens_per_batch / mean_len))
+    while True:
+        order = torch.randperm(len(docs), generator=generator).tolist()
+        batches: list[list[int]] = []
+        for lo in range(0, len(order), window):
+            batch: list[int] = []
+            for i in sorted(order[lo:lo + window], key=lambda i: len(docs[i])):
+                if batch and (len(batch) + 1) * len(docs[i]) > tokens_per_batch:
+                    batches.append(batch)
+                    batch = []
+                batch.append(i)
+            batches.append(batch)
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            longest = max(len(docs[i]) for i in batches[b])
+            ids = torch.full((len(batches[b]), longest), pad_id)
+            labels = torch.full((len(batches[b]), longest), -100)
+            for row, i in enumerate(batches[b]):
+                ids[row, :len(docs[i])] = labels[row, :len(docs[i])] = torch.tensor(docs[i])
+            yield ids, labels, (labels != -100).long()
+
+
 def pretrain_lm(cfg: PretrainLMConfig, seed: int = 0, progress: bool = True) -> dict:
     """Train from scratch; writes an HF causal-LM folder (weights + tokenizer) to cfg.out."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,7 +119,7 @@ def pretrain_lm(cfg: PretrainLMConfig, seed: int = 0, progress: bool = True) -> 
             raise ConfigError(f"'{path}' does not exist; generate the shapes world first (llm2clip data synth)")
     seed_everything(seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
-    blocks = pack_corpus(Path(cfg.corpus).read_text(encoding="utf-8").splitlines(), tokenizer, cfg.seq_len)
+    lines = Path(cfg.corpus).read_text(encoding="utf-8").splitlines()
     hf_config = tiny_llm_config(cfg.family, vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
                                 num_layers=cfg.num_layers, num_heads=cfg.num_heads,
                                 intermediate_size=cfg.intermediate_size,
@@ -83,17 +129,22 @@ def pretrain_lm(cfg: PretrainLMConfig, seed: int = 0, progress: bool = True) -> 
     model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation).to(device)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps)
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(blocks), generator=generator)
+    if cfg.packing == "blocks":
+        batches, units = block_batches(pack_corpus(lines, tokenizer, cfg.seq_len), cfg.batch_size, generator)
+    else:
+        docs = [[tokenizer.bos_token_id, *row, tokenizer.eos_token_id][:cfg.seq_len]
+                for row in tokenizer(lines, add_special_tokens=False)["input_ids"]]
+        batches, units = document_batches(docs, cfg.batch_size * cfg.seq_len, tokenizer.pad_token_id,
+                                          generator), len(docs)
     state = TrainState()
+    tokens = 0
     model.train()
-    for step in tqdm(range(cfg.steps), desc="pretrain-lm", disable=not progress):
-        start = (step * cfg.batch_size) % len(blocks)
-        if start + cfg.batch_size > len(blocks):  # next epoch: reshuffle
-            order = torch.randperm(len(blocks), generator=generator)
-        idx = order[start:start + cfg.batch_size]
-        batch = blocks[idx].to(device)
+    for _ in tqdm(range(cfg.steps), desc="pretrain-lm", disable=not progress):
+        ids, labels, mask = (None if t is None else t.to(device) for t in next(batches))
+        tokens += ids.numel() if mask is None else int(mask.sum())
         with bf16_autocast(device, enabled=cfg.precision == "bf16"):
-            loss = model(input_ids=batch, labels=batch).loss  # HF shifts labels for causal LM
+            # HF shifts labels for causal LM; -100 marks padding
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -105,5 +156,5 @@ def pretrain_lm(cfg: PretrainLMConfig, seed: int = 0, progress: bool = True) -> 
         tokenizer.save_pretrained(tmp)
     first, last = state.mean_first(20), state.mean_last(20)
     return {"loss_first": first, "loss_last": last, "perplexity_last": math.exp(last),
-            "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len, "blocks": len(blocks),
+            "tokens_seen": tokens, "packing": cfg.packing, "units": units,
             "parameters": sum(p.numel() for p in model.parameters())}
