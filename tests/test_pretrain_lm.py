@@ -53,3 +53,35 @@ def test_documents_packing_trains_each_text_from_position_zero(world, tmp_path):
 def test_unknown_packing_is_an_error_that_names_the_choices():
     with pytest.raises(ConfigError, match=r"stage1\.pretrain\.packing.*blocks or documents"):
         PretrainLMConfig(packing="rows").validate()
+
+
+def test_long_context_steps_end_pretraining_on_longer_blocks_with_the_same_tokens(world, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    shapes: list[tuple[int, int]] = []
+    from_config = AutoModelForCausalLM.from_config
+
+    def build_and_watch(*args, **kwargs):
+        model = from_config(*args, **kwargs)
+        model.register_forward_pre_hook(lambda _, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                        with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", build_and_watch)
+    cfg = PretrainLMConfig(enabled=True, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                           seq_len=16, batch_size=8, steps=5, long_context_steps=2, long_context_len=64,
+                           warmup_steps=0, precision="fp32", corpus=str(world / "corpus.txt"),
+                           tokenizer=str(world / "tokenizer"), out=str(tmp_path / "lm"))
+    stats = pretrain_lm(cfg, progress=False)
+    assert shapes == [(8, 16)] * 3 + [(2, 64)] * 2
+    assert stats["tokens_seen"] == 5 * 8 * 16
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"long_context_steps": 6}, r"long_context_steps must be in \[0, stage1\.pretrain\.steps\]"),
+    ({"long_context_steps": 2, "packing": "documents"}, r"needs packing: blocks"),
+    ({"long_context_steps": 2, "long_context_len": 128}, r"long_context_len must be longer"),
+])
+def test_bad_long_context_settings_are_errors_that_name_the_fix(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        PretrainLMConfig(steps=5, seq_len=128, **changes).validate()

@@ -36,6 +36,11 @@ class PretrainLMConfig:
     packing: str = "blocks"  # blocks | documents
     batch_size: int = 32
     steps: int = 400
+    # blocks only: the last `long_context_steps` of `steps` train on blocks of `long_context_len` (the same
+    # tokens a step), as real LLMs extend their context at the end of pretraining, so no position the
+    # embedder reads is untrained
+    long_context_steps: int = 0
+    long_context_len: int = 512
     lr: float = 3e-3
     warmup_steps: int = 40
     weight_decay: float = 0.01
@@ -54,6 +59,13 @@ class PretrainLMConfig:
             raise ConfigError("stage1.pretrain.attn_implementation must be sdpa or eager")
         if self.packing not in ("blocks", "documents"):
             raise ConfigError(f"stage1.pretrain.packing: '{self.packing}' must be blocks or documents")
+        if not 0 <= self.long_context_steps <= self.steps:
+            raise ConfigError("stage1.pretrain.long_context_steps must be in [0, stage1.pretrain.steps]")
+        if self.long_context_steps and self.packing != "blocks":
+            raise ConfigError("stage1.pretrain.long_context_steps needs packing: blocks (documents already "
+                              "train every text whole); set it to 0")
+        if self.long_context_steps and self.long_context_len <= self.seq_len:
+            raise ConfigError("stage1.pretrain.long_context_len must be longer than stage1.pretrain.seq_len")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"stage1.pretrain.precision: '{self.precision}' must be bf16 or fp32")
 
@@ -129,8 +141,13 @@ def pretrain_lm(cfg: PretrainLMConfig, seed: int = 0, progress: bool = True) -> 
     model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation).to(device)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps)
     generator = torch.Generator().manual_seed(seed)
+    long_batches = None
     if cfg.packing == "blocks":
         batches, units = block_batches(pack_corpus(lines, tokenizer, cfg.seq_len), cfg.batch_size, generator)
+        if cfg.long_context_steps:
+            long_batch = max(1, cfg.batch_size * cfg.seq_len // cfg.long_context_len)
+            long_batches, _ = block_batches(pack_corpus(lines, tokenizer, cfg.long_context_len), long_batch,
+                                            generator)
     else:
         docs = [[tokenizer.bos_token_id, *row, tokenizer.eos_token_id][:cfg.seq_len]
                 for row in tokenizer(lines, add_special_tokens=False)["input_ids"]]
@@ -139,7 +156,9 @@ def pretrain_lm(cfg: PretrainLMConfig, seed: int = 0, progress: bool = True) -> 
     state = TrainState()
     tokens = 0
     model.train()
-    for _ in tqdm(range(cfg.steps), desc="pretrain-lm", disable=not progress):
+    for step in tqdm(range(cfg.steps), desc="pretrain-lm", disable=not progress):
+        if step == cfg.steps - cfg.long_context_steps and long_batches is not None:
+            batches = long_batches
         ids, labels, mask = (None if t is None else t.to(device) for t in next(batches))
         tokens += ids.numel() if mask is None else int(mask.sum())
         with bf16_autocast(device, enabled=cfg.precision == "bf16"):
