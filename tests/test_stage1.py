@@ -241,3 +241,44 @@ def test_short_long_from_step_is_validated():
     with pytest.raises(ConfigError, match="short_long_from_step"):
         CCConfig(steps=100, short_long_from_step=-1).validate()
     CCConfig(steps=100, short_long_from_step=200).validate()  # past the last step: never, as mixed_from_step
+
+
+def _scenes(n_per_colour: int = 12) -> list:
+    """Groups whose captions share words within a colour and no content words across colours."""
+    from llm2clip.stage1.pairs import CaptionGroup
+
+    colours = ["red", "green", "blue", "pink", "cyan"]
+    return [CaptionGroup(f"a {c} shape no{c}{i}", [f"a {c} {c}ish scene no{c}{i} {n}" for n in ("one", "two")])
+            for c in colours for i in range(n_per_colour)]
+
+
+def test_caption_neighbours_find_the_scenes_that_share_words():
+    from llm2clip.stage1.pairs import caption_neighbours
+
+    groups = _scenes()
+    near = caption_neighbours(groups, 8)  # [60, 8]
+    assert near.shape == (60, 8)
+    for i, row in enumerate(near):
+        assert i not in row and {j // 12 for j in row} == {i // 12}  # its own colour only, never itself
+
+
+def test_neighbour_batches_draw_one_neighbourhood_with_distinct_shorts_and_in_batch_negatives():
+    from llm2clip.stage1.cc import CCConfig
+    from llm2clip.stage1.pairs import CaptionGroup, PairSampler
+
+    # group 60 repeats group 0's short caption: the two must never share a batch (a false negative)
+    twin = CaptionGroup("a red shape nored0", ["a red redish scene nored0 three", "a red redish scene nored0 four"])
+    groups = [*_scenes(), twin]
+    sampler = PairSampler(groups, [], long_long_fraction=0.5, translation_fraction=0.0, seed=0, neighbour_batches=11)
+    long_owner = {text: i for i, g in enumerate(groups) for text in g.longs}
+    for _ in range(40):
+        batch = sampler.batch(6)
+        rows = [long_owner.get(p.query, long_owner.get(p.positive)) for p in batch]  # each row's image
+        negatives = [long_owner.get(p.negative) for p in batch]
+        assert len({groups[i].short for i in rows}) == len(rows)  # distinct short captions
+        assert len({i % 60 // 12 for i in rows}) == 1  # one colour: one neighbourhood
+        for row, neg in zip(rows, negatives, strict=True):
+            if neg is not None:  # a long negative names its image; a short one is checked by colour
+                assert neg in rows and neg != row
+    with pytest.raises(ConfigError, match="neighbour_batches"):
+        CCConfig(batch_size=8, neighbour_batches=4).validate()

@@ -42,6 +42,9 @@ class CCConfig:
     mixed_from_step: int = 0  # per-row directions from this step on; one direction per batch before it
     short_long_from_step: int | None = None  # caption batches pair short with long only from this step (null: never)
     hard_negatives: bool = True
+    # > 0: each caption batch is a neighbourhood of this many similar scenes (TF-IDF), so in-batch and
+    # hard negatives are near misses, not random scenes (docs/STAGE1.md, part 6). 0: random scenes
+    neighbour_batches: int = 0
     scale: float = 50.0  # logit scale of the cosine similarities
     steps: int = 200
     batch_size: int = 32  # pairs per process and step
@@ -79,6 +82,11 @@ class CCConfig:
             raise ConfigError("stage1.cc.long_long_fraction must be in [0, 1]")
         if self.lr_schedule not in ("cosine", "linear", "constant"):
             raise ConfigError("stage1.cc.lr_schedule must be 'cosine', 'linear' or 'constant'")
+        if self.neighbour_batches < 0:
+            raise ConfigError("stage1.cc.neighbour_batches must be >= 0 (0: random scenes per batch)")
+        if 0 < self.neighbour_batches < self.batch_size:
+            raise ConfigError(f"stage1.cc.neighbour_batches ({self.neighbour_batches}) must be 0 or at least "
+                              f"stage1.cc.batch_size ({self.batch_size}) scenes to fill a batch")
         if self.batch_size < 2 or self.steps < 1:
             raise ConfigError("stage1.cc.batch_size must be >= 2 (in-batch negatives) and steps >= 1")
         if self.attn_implementation not in (None, "sdpa", "eager", "flash_attention_2"):
@@ -129,7 +137,7 @@ def train_cc(cfg: CCConfig, emb_cfg: EmbedderConfig, seed: int = 0, progress: bo
     sampler = PairSampler(groups, text_pairs, long_long_fraction=cfg.long_long_fraction,
                           translation_fraction=cfg.translation_fraction, seed=seed * 1000, task_seed=seed,
                           mixed_directions=cfg.mixed_directions, mixed_from_batch=cfg.mixed_from_step,
-                          short_long_from_batch=cfg.short_long_from_step,
+                          short_long_from_batch=cfg.short_long_from_step, neighbour_batches=cfg.neighbour_batches,
                           # aligned text pairs are embedded as documents on both sides: the vectors stage 2 reads
                           translation_instruction=None if cfg.translation_alignment else INSTRUCTIONS["translation"])
 

@@ -1,7 +1,8 @@
 """Training pairs for caption-contrastive fine-tuning, as LLM2CLIP builds them.
 
 A pair is (query, positive, hard negative, query instruction). Captions of one image are positives;
-the hard negative is the same kind of caption as the positive, from a random other image. Each batch
+the hard negative is the same kind of caption as the positive, from a random other image (or, with
+`neighbour_batches`, every row and negative from one neighbourhood of similar scenes). Each batch
 holds one kind of pair (llm2vec and LLM2CLIP batch per task). Within a short<->long batch the official
 CC3M task draws the direction per row (`mixed_directions`), so a batch holds short->long and
 long->short queries, each with its own instruction, and long and short candidates.
@@ -13,6 +14,8 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .. import instructions
 from ..data.readers import CaptionReader, DataConfig
@@ -75,7 +78,7 @@ class PairSampler:
     def __init__(self, groups: list[CaptionGroup], text_pairs: list[tuple[str, str]], *, long_long_fraction: float,
                  translation_fraction: float, seed: int, task_seed: int | None = None, text_pair_buckets: int = 4,
                  mixed_directions: bool = True, mixed_from_batch: int = 0, short_long_from_batch: int | None = None,
-                 translation_instruction: str | None = INSTRUCTIONS["translation"]):
+                 translation_instruction: str | None = INSTRUCTIONS["translation"], neighbour_batches: int = 0):
         """`seed` draws the samples (the same on every rank: each trains on its slice of a global batch);
         `task_seed` draws each batch's kind and direction and must be equal on every rank, because
         negatives are gathered across ranks. `long_long_fraction`: share of caption batches pairing two
@@ -83,7 +86,10 @@ class PairSampler:
         direction (LLM2CLIP's E5_cc3m.py) from batch `mixed_from_batch` on; before it, and without it,
         one direction per batch. From batch `short_long_from_batch` on, caption batches pair short with
         long only (text pairs keep their share). `translation_instruction`: the text-pair queries'
-        instruction; None embeds them as documents, like their positives."""
+        instruction; None embeds them as documents, like their positives. `neighbour_batches` > 0: each
+        caption batch is an anchor image and scenes among its `neighbour_batches` nearest (TF-IDF over
+        its captions), with distinct short captions, and each hard negative comes from the batch: a batch
+        of random scenes is told apart by coarse features alone (background, object count)."""
         self.groups = groups
         self.mixed_directions, self.mixed_from_batch, self.batches_drawn = mixed_directions, mixed_from_batch, 0
         self.short_long_from_batch = short_long_from_batch
@@ -101,6 +107,7 @@ class PairSampler:
                       "translation": 1.0 - caption_share}
         if long_long_fraction > 0 and not any(len(g.longs) >= 2 for g in groups):
             raise ConfigError("long_long pairs need >= 2 long captions per image (data.long_caption_keys)")
+        self.neighbours = caption_neighbours(groups, neighbour_batches) if neighbour_batches else None
 
     def state(self) -> dict:
         """Both RNG states as JSON-able lists (a resumed run draws the batches it would have drawn)."""
@@ -131,7 +138,40 @@ class PairSampler:
         if kind == "translation":
             bucket = self.task_rng.choice(self.text_buckets)
             return [self._translation(d, bucket) for d in directions]
+        if self.neighbours is not None:
+            return self._neighbour_batch(kind, directions)
         return [getattr(self, f"_{kind}")(d) for d in directions]
+
+    def _neighbour_batch(self, kind: str, directions: list[bool]) -> list[Pair]:
+        """Rows from one neighbourhood of similar scenes; each row's negative is the next row's image."""
+        usable = [i for i, g in enumerate(self.groups) if kind == "short_long" or len(g.longs) >= 2]
+        anchor = usable[self.rng.randrange(len(usable))]
+        near = [int(j) for j in self.neighbours[anchor] if kind == "short_long" or len(self.groups[j].longs) >= 2]
+        self.rng.shuffle(near)
+        picked, shorts = [anchor], {self.groups[anchor].short}
+        for j in near:
+            if len(picked) == len(directions):
+                break
+            if self.groups[j].short not in shorts:  # an equal short caption would be a false negative
+                picked.append(j)
+                shorts.add(self.groups[j].short)
+        while len(picked) < len(directions):  # a sparse neighbourhood: fill with random scenes
+            j = usable[self.rng.randrange(len(usable))]
+            if self.groups[j].short not in shorts:
+                picked.append(j)
+                shorts.add(self.groups[j].short)
+        pairs = []
+        for row, (i, forward) in enumerate(zip(picked, directions, strict=True)):
+            g, other = self.groups[i], self.groups[picked[(row + 1) % len(picked)]]
+            if kind == "long_long":
+                a, b = self.rng.sample(g.longs, 2)
+                pairs.append(Pair(a, b, self.rng.choice(other.longs), INSTRUCTIONS["long_to_long"]))
+            elif forward:
+                pairs.append(Pair(g.short, self.rng.choice(g.longs), self.rng.choice(other.longs),
+                                  INSTRUCTIONS["short_to_long"]))
+            else:
+                pairs.append(Pair(self.rng.choice(g.longs), g.short, other.short, INSTRUCTIONS["long_to_short"]))
+        return pairs
 
     def _short_long(self, forward: bool) -> Pair:
         i = self.rng.randrange(len(self.groups))
@@ -153,6 +193,26 @@ class PairSampler:
         if forward:
             return Pair(src, tgt, neg_tgt, self.translation_instruction, "translation")
         return Pair(tgt, src, neg_src, self.translation_instruction, "translation")
+
+
+def caption_neighbours(groups: list[CaptionGroup], k: int) -> np.ndarray:
+    """[N, k] indices of each image's k most similar other images: cosine of TF-IDF (words and word pairs)
+    over all its captions, computed in row blocks (memory O(block x N), time O(N^2): mine offline for
+    millions of captions)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    if len(groups) < 2:
+        raise ConfigError("neighbour batches need at least 2 images")
+    k = min(k, len(groups) - 1)
+    docs = [" ".join([g.short, *g.longs]) for g in groups]
+    x = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2).fit_transform(docs)  # [N, V], rows L2
+    out = np.empty((len(groups), k), dtype=np.int64)
+    for lo in range(0, len(groups), 1024):
+        sim = (x[lo:lo + 1024] @ x.T).toarray()  # [block, N]
+        sim[np.arange(len(sim)), np.arange(lo, lo + len(sim))] = -1.0  # not itself
+        top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        out[lo:lo + len(sim)] = top
+    return out
 
 
 def _json_state(state: tuple) -> list:
