@@ -282,3 +282,12 @@ def test_neighbour_batches_draw_one_neighbourhood_with_distinct_shorts_and_in_ba
                 assert neg in rows and neg != row
     with pytest.raises(ConfigError, match="neighbour_batches"):
         CCConfig(batch_size=8, neighbour_batches=4).validate()
+
+
+def test_neighbour_batches_without_enough_distinct_short_captions_name_the_fix():
+    from llm2clip.stage1.pairs import CaptionGroup, PairSampler
+
+    groups = [CaptionGroup("a red shape", [f"a red scene {i}"]) for i in range(10)]  # one short caption for all
+    sampler = PairSampler(groups, [], long_long_fraction=0.0, translation_fraction=0.0, seed=0, neighbour_batches=9)
+    with pytest.raises(ConfigError, match=r"distinct short captions.*neighbour_batches: 0"):
+        sampler.batch(4)

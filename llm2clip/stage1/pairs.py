@@ -108,6 +108,9 @@ class PairSampler:
         if long_long_fraction > 0 and not any(len(g.longs) >= 2 for g in groups):
             raise ConfigError("long_long pairs need >= 2 long captions per image (data.long_caption_keys)")
         self.neighbours = caption_neighbours(groups, neighbour_batches) if neighbour_batches else None
+        self._usable = {"short_long": list(range(len(groups))),
+                        "long_long": [i for i, g in enumerate(groups) if len(g.longs) >= 2]}
+        self._distinct_shorts = {kind: len({groups[i].short for i in idx}) for kind, idx in self._usable.items()}
 
     def state(self) -> dict:
         """Both RNG states as JSON-able lists (a resumed run draws the batches it would have drawn)."""
@@ -144,10 +147,13 @@ class PairSampler:
 
     def _neighbour_batch(self, kind: str, directions: list[bool]) -> list[Pair]:
         """Rows from one neighbourhood of similar scenes; each row's negative is the next row's image."""
-        usable = [i for i, g in enumerate(self.groups) if kind == "short_long" or len(g.longs) >= 2]
+        usable = self._usable[kind]
         anchor = usable[self.rng.randrange(len(usable))]
         near = [int(j) for j in self.neighbours[anchor] if kind == "short_long" or len(self.groups[j].longs) >= 2]
         self.rng.shuffle(near)
+        if self._distinct_shorts[kind] < len(directions):
+            raise ConfigError(f"neighbour batches of {len(directions)} need as many images with distinct short "
+                              "captions; lower stage1.cc.batch_size or set stage1.cc.neighbour_batches: 0")
         picked, shorts = [anchor], {self.groups[anchor].short}
         for j in near:
             if len(picked) == len(directions):

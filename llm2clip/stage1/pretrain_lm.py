@@ -151,8 +151,8 @@ def pretrain_lm(cfg: PretrainLMConfig, seed: int = 0, progress: bool = True) -> 
     else:
         docs = [[tokenizer.bos_token_id, *row, tokenizer.eos_token_id][:cfg.seq_len]
                 for row in tokenizer(lines, add_special_tokens=False)["input_ids"]]
-        batches, units = document_batches(docs, cfg.batch_size * cfg.seq_len, tokenizer.pad_token_id,
-                                          generator), len(docs)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        batches, units = document_batches(docs, cfg.batch_size * cfg.seq_len, pad_id, generator), len(docs)
     state = TrainState()
     tokens = 0
     model.train()
