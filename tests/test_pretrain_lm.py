@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llm2clip.errors import ConfigError
-from llm2clip.stage1.pretrain_lm import PretrainLMConfig, document_batches, pretrain_lm
+from llm2clip.stage1.pretrain_lm import PretrainLMConfig, document_batches, pretrain_lm, tokenize_corpus
 
 
 def test_document_batches_hold_every_text_once_per_epoch_within_the_token_budget():
@@ -40,8 +40,7 @@ def test_documents_packing_trains_each_text_from_position_zero(world, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "lm").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "lm")
     texts = (world / "corpus.txt").read_text().splitlines()[:5]
-    docs = [[tokenizer.bos_token_id, *row, tokenizer.eos_token_id][:cfg.seq_len]
-            for row in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    docs = [doc[:cfg.seq_len] for doc in tokenize_corpus(texts, tokenizer)]
     ids, labels, mask = next(document_batches(docs, 10_000, tokenizer.pad_token_id, torch.Generator()))
     with torch.no_grad():
         batched = model(input_ids=ids, attention_mask=mask, labels=labels).loss

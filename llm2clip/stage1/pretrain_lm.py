@@ -70,11 +70,15 @@ class PretrainLMConfig:
             raise ConfigError(f"stage1.pretrain.precision: '{self.precision}' must be bf16 or fp32")
 
 
-def pack_corpus(lines: list[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """[n_blocks, seq_len] token blocks; each line starts with BOS and ends with EOS."""
-    ids: list[int] = []
-    for row in tokenizer(lines, add_special_tokens=False)["input_ids"]:
-        ids += [tokenizer.bos_token_id, *row, tokenizer.eos_token_id]
+def tokenize_corpus(lines: list[str], tokenizer) -> list[list[int]]:
+    """Each line's ids, starting with BOS and ending with EOS (once, for every packing)."""
+    return [[tokenizer.bos_token_id, *row, tokenizer.eos_token_id]
+            for row in tokenizer(lines, add_special_tokens=False)["input_ids"]]
+
+
+def pack_corpus(docs: list[list[int]], seq_len: int) -> torch.Tensor:
+    """[n_blocks, seq_len] token blocks of the texts joined end to end (the remainder is dropped)."""
+    ids = [i for doc in docs for i in doc]
     n_blocks = len(ids) // seq_len
     if n_blocks == 0:
         raise ConfigError(f"the corpus has {len(ids)} tokens, fewer than one block of seq_len={seq_len}")
@@ -141,16 +145,15 @@ def pretrain_lm(cfg: PretrainLMConfig, seed: int = 0, progress: bool = True) -> 
     model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation).to(device)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps)
     generator = torch.Generator().manual_seed(seed)
+    docs = tokenize_corpus(lines, tokenizer)
     long_batches = None
     if cfg.packing == "blocks":
-        batches, units = block_batches(pack_corpus(lines, tokenizer, cfg.seq_len), cfg.batch_size, generator)
+        batches, units = block_batches(pack_corpus(docs, cfg.seq_len), cfg.batch_size, generator)
         if cfg.long_context_steps:
             long_batch = max(1, cfg.batch_size * cfg.seq_len // cfg.long_context_len)
-            long_batches, _ = block_batches(pack_corpus(lines, tokenizer, cfg.long_context_len), long_batch,
-                                            generator)
+            long_batches, _ = block_batches(pack_corpus(docs, cfg.long_context_len), long_batch, generator)
     else:
-        docs = [[tokenizer.bos_token_id, *row, tokenizer.eos_token_id][:cfg.seq_len]
-                for row in tokenizer(lines, add_special_tokens=False)["input_ids"]]
+        docs = [doc[:cfg.seq_len] for doc in docs]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         batches, units = document_batches(docs, cfg.batch_size * cfg.seq_len, pad_id, generator), len(docs)
     state = TrainState()
