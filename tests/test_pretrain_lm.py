@@ -49,6 +49,33 @@ def test_documents_packing_trains_each_text_from_position_zero(world, tmp_path):
     assert json.loads((tmp_path / "lm/config.json").read_text())["model_type"] == "llama"
 
 
+def test_documents_packing_pads_with_eos_when_the_tokenizer_has_no_pad_token(world, tmp_path, monkeypatch):
+    """Llama-3-style tokenizers have no pad token: padding falls back to EOS, masked out of the loss."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer")
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    assert AutoTokenizer.from_pretrained(tmp_path / "tokenizer").pad_token_id is None
+    cfg = PretrainLMConfig(enabled=True, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                           seq_len=96, batch_size=4, steps=30, warmup_steps=0, packing="documents",
+                           corpus=str(world / "corpus.txt"), tokenizer=str(tmp_path / "tokenizer"),
+                           out=str(tmp_path / "lm"), precision="fp32")
+    pad_ids: list[int] = []
+    original = document_batches
+
+    def recording(docs, tokens_per_batch, pad_id, generator):
+        pad_ids.append(pad_id)
+        return original(docs, tokens_per_batch, pad_id, generator)
+
+    monkeypatch.setattr("llm2clip.stage1.pretrain_lm.document_batches", recording)
+    stats = pretrain_lm(cfg, progress=False)
+    assert pad_ids == [tokenizer.eos_token_id]
+    assert stats["loss_last"] < stats["loss_first"]
+    config = json.loads((tmp_path / "lm/config.json").read_text())
+    assert config["pad_token_id"] is None and config["eos_token_id"] == tokenizer.eos_token_id
+
+
 def test_unknown_packing_is_an_error_that_names_the_choices():
     with pytest.raises(ConfigError, match=r"stage1\.pretrain\.packing.*blocks or documents"):
         PretrainLMConfig(packing="rows").validate()
