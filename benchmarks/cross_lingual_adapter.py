@@ -3,8 +3,10 @@
     python benchmarks/cross_lingual_adapter.py [--config configs/tiny.yaml] [--set key=value ...]
 
 On the test split of a finished run: top-1 retrieval from each English caption to its translation
-among all test translations, on the raw LLM vectors, after centring, and after the trained adapter;
-plus the mean cosine of translation pairs against unrelated pairs. Prints JSON.
+among all test translations, on the raw LLM vectors, after centring (on the adapter's English centre,
+and on each language's own mean: is the miss a language offset?), and after the trained adapter;
+plus the mean cosine of translation pairs against unrelated pairs, and the distance between the two
+languages' mean unit vectors. Prints JSON.
 """
 
 from __future__ import annotations
@@ -49,8 +51,11 @@ def main() -> None:
             a = text_side(keys, [Caption(en, caps[k][en]) for k in keys])  # [N, D]
             b = text_side(keys, [Caption(other, caps[k][other]) for k in keys])
             center = model.text_adapter.center
+            offset = F.normalize(a.float(), dim=-1).mean(0) - F.normalize(b.float(), dim=-1).mean(0)  # [D]
             report[f"{en} -> {other}"] = {
                 "images": len(keys), "raw": alignment(a, b), "centred": alignment(a - center, b - center),
+                "centred_per_language": alignment(a - a.mean(0), b - b.mean(0)),
+                "language_offset": round(offset.norm().item(), 4),
                 "after_adapter": alignment(model.encode_text(a), model.encode_text(b))}
     print(json.dumps(report, indent=1))
 
