@@ -178,3 +178,38 @@ def test_text_images_limits_the_llm_text_to_the_first_train_rows(tmp_path, world
     assert train[9]["short_caption"] in sources and train[10]["long_caption"] not in sources
     with pytest.raises(ConfigError, match=r"synth\.text_images must be null or between 1 and the 48"):
         SynthConfig(num_images=60, text_images=49).validate()
+
+
+def test_synonymize_swaps_every_world_word_and_keeps_capitals():
+    from llm2clip.data.lexicon import SYNONYM_EN, synonymize
+
+    text = "Large red circle on a gray background; the picture shows shapes, a reddish bigger one too."
+    assert synonymize(text) == ("Big scarlet circle on a slate backdrop; the drawing shows figures, "
+                                "a reddish bigger one too.")  # whole words only
+    assert synonymize(text, random.Random(0), p=0.0) == text
+    assert 70 < synonymize("red " * 200, random.Random(1), p=0.5).split().count("scarlet") < 130
+    assert len(set(SYNONYM_EN.values())) == len(SYNONYM_EN)  # one world word per synonym
+
+
+def test_synonyms_reach_only_the_llm_corpus(tmp_path, world):
+    """synth.synonyms adds synonym lines to the corpus (and so the tokenizer); no caption uses a synonym,
+    and a default dataset's manifest is unchanged, so one written before the key is reused."""
+    from llm2clip.data.lexicon import SYNONYM_EN
+
+    synonyms = re.compile(r"\b(" + "|".join(SYNONYM_EN.values()) + r")\b")
+    corpus = (world / "corpus.txt").read_text(encoding="utf-8")
+    assert not synonyms.search(corpus)
+    assert "synonyms" not in json.loads((world / "manifest.json").read_text())["config"]
+    cfg = SynthConfig(num_images=60, image_size=32, shard_size=16, synonyms=0.5)
+    manifest = synthesize(cfg, tmp_path / "s", progress=False)
+    assert manifest["config"]["synonyms"] == 0.5
+    for split in (*SPLITS, "stage1_train"):
+        rows = _rows(tmp_path / "s", split)
+        assert rows == _rows(world, split)  # images, captions and attributes as without synonyms
+        assert not any(synonyms.search(json.dumps(r)) for r in rows)
+    lines = (tmp_path / "s/corpus.txt").read_text(encoding="utf-8").splitlines()
+    assert "Scarlet means red." in lines and set(corpus.splitlines()) <= set(lines)
+    swapped = [line for line in lines if synonyms.search(line)]
+    assert len(swapped) > 2 * 48 * 0.9  # the synonym sentences, then a copy of most train captions
+    with pytest.raises(ConfigError, match=r"synth\.code_switch and synth\.synonyms are shares"):
+        SynthConfig(synonyms=1.5).validate()

@@ -64,6 +64,13 @@ SHAPE_FACT_ZH = {
 }
 
 
+# English synonyms of world words. The tiny LM's corpus uses them (synth.synonyms), but no caption, CC pair or
+# stage-2 pair does: as a real LLM knows from web text that 'scarlet' is red, and CLIP never sees it paired.
+SYNONYM_EN = {"red": "scarlet", "orange": "amber", "yellow": "golden", "green": "emerald", "cyan": "turquoise",
+              "blue": "azure", "purple": "violet", "pink": "rose", "brown": "chestnut", "white": "ivory",
+              "black": "ebony", "gray": "slate", "small": "little", "medium": "midsize", "large": "big",
+              "picture": "drawing", "shapes": "figures", "background": "backdrop"}
+
 def plural_en(shape: str, n: int) -> str:
     if n == 1:
         return shape
@@ -134,3 +141,30 @@ def code_switch(text: str, rng, p: float = 0.5, to: str = "zh") -> str:
     as a multilingual LLM learns from mixed-language web text."""
     pattern, lookup = _switcher(to)
     return pattern.sub(lambda m: lookup[m.group(0)] if rng.random() < p else m.group(0), text)
+
+
+@functools.cache
+def _synonym_pattern():
+    import re
+
+    return re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(SYNONYM_EN, key=len, reverse=True)) + r")\b",
+                      re.IGNORECASE)
+
+
+def synonymize(text: str, rng=None, p: float = 1.0) -> str:
+    """Replace world words with their SYNONYM_EN synonym, each occurrence with probability p (every one
+    when rng is None); a capitalised word stays capitalised."""
+    def swap(m) -> str:
+        word = m.group(0)
+        if rng is not None and rng.random() >= p:
+            return word
+        synonym = SYNONYM_EN[word.lower()]
+        return synonym.capitalize() if word[0].isupper() else synonym
+
+    return _synonym_pattern().sub(swap, text)
+
+
+def synonym_sentences() -> list[str]:
+    """Plain statements of each synonym, for the LM's corpus."""
+    return [line for word, synonym in SYNONYM_EN.items()
+            for line in (f"{synonym.capitalize()} means {word}.", f"The word {word} can also be said as {synonym}.")]

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError
 from .captions import describe
-from .lexicon import code_switch
+from .lexicon import code_switch, synonym_sentences, synonymize
 from .qa import llava_instruct_samples, llava_pretrain_sample, parallel_sentences, world_sentences
 from .render import render_scene
 from .tokenizer import train_tokenizer
@@ -42,6 +42,7 @@ from .world import GRID, sample_scene
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
+ADDED_KEYS = {"synonyms": 0.0}  # SynthConfig keys newer than format 1, with the default that writes format-1 bytes
 
 
 @dataclass
@@ -60,6 +61,9 @@ class SynthConfig:
     shard_size: int = 500  # samples per webdataset shard
     vocab_size: int = 2048  # BPE vocabulary of the trained tokenizer
     code_switch: float = 0.5  # corpus: share of world words swapped into the other language (0 = off)
+    # corpus: share of world words swapped for an English synonym in synonym copies of the train captions,
+    # plus one sentence per synonym (0 = off; no caption, CC pair or stage-2 pair ever uses a synonym)
+    synonyms: float = 0.0
     # train images whose captions are the LLM's text (corpus, tokenizer, parallel pairs, stage1_train.jsonl);
     # null: all. As in the paper, stage 1 can use fewer captions than stage 2 has images
     text_images: int | None = None
@@ -80,6 +84,8 @@ class SynthConfig:
              "or raise synth.num_images"),
             (self.text_images is None or 1 <= self.text_images <= self.split_sizes()["train"],
              f"synth.text_images must be null or between 1 and the {self.split_sizes()['train']} train images"),
+            (0 <= self.code_switch <= 1 and 0 <= self.synonyms <= 1,
+             "synth.code_switch and synth.synonyms are shares: between 0 and 1"),
             (self.shard_size >= 1, "synth.shard_size must be >= 1"),
             (self.vocab_size >= 300, "synth.vocab_size must be >= 300 (256 bytes + specials + merges)"),
         ]
@@ -184,9 +190,12 @@ def _write_instruct(root: Path, split: str, rows: list[dict]) -> None:
 
 
 def _corpus_lines(train_rows: list[dict], cfg: SynthConfig) -> list[str]:
-    """World sentences, every train caption, and code-switched copies (see lexicon.code_switch)."""
-    rng = random.Random(f"{cfg.seed}:corpus")
+    """World sentences, every train caption, code-switched copies (see lexicon.code_switch) and, with
+    synth.synonyms, synonym copies (lexicon.synonymize)."""
+    rng, synonym_rng = random.Random(f"{cfg.seed}:corpus"), random.Random(f"{cfg.seed}:synonyms")
     lines = list(world_sentences())
+    if cfg.synonyms > 0:
+        lines += synonym_sentences()
     for r in train_rows:
         lines += [r["short_caption"], *(r[c] for c in _long_columns(cfg.num_long_captions)),
                   r["short_caption_zh"], r["long_caption_zh"],
@@ -196,6 +205,9 @@ def _corpus_lines(train_rows: list[dict], cfg: SynthConfig) -> list[str]:
                       code_switch(r["long_caption"], rng, cfg.code_switch),
                       code_switch(r["short_caption_zh"], rng, cfg.code_switch, to="en"),
                       code_switch(r["long_caption_zh"], rng, cfg.code_switch, to="en")]
+        if cfg.synonyms > 0:
+            lines += [synonymize(r["short_caption"], synonym_rng, cfg.synonyms),
+                      synonymize(r["long_caption"], synonym_rng, cfg.synonyms)]
     return lines
 
 
@@ -233,7 +245,10 @@ def synthesize(cfg: SynthConfig, out_dir: str | os.PathLike, *, overwrite: bool 
     cfg.validate()
     out = Path(out_dir)
     manifest_path = out / "manifest.json"
-    settings = {k: v for k, v in asdict(cfg).items() if k != "enabled"}  # what shapes the bytes
+    # what shapes the bytes; a key added after format 1 is recorded only when set, so that a dataset
+    # written before it still matches the config that would write it again
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k != "enabled" and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
     wanted = {"format_version": FORMAT_VERSION, "config": settings}
     if manifest_path.exists():
         existing = json.loads(manifest_path.read_text())
