@@ -71,6 +71,7 @@ SYNONYM_EN = {"red": "scarlet", "orange": "amber", "yellow": "golden", "green": 
               "black": "ebony", "gray": "slate", "small": "little", "medium": "midsize", "large": "big",
               "picture": "drawing", "shapes": "figures", "background": "backdrop"}
 
+
 def plural_en(shape: str, n: int) -> str:
     if n == 1:
         return shape

@@ -62,7 +62,7 @@ class SynthConfig:
     vocab_size: int = 2048  # BPE vocabulary of the trained tokenizer
     code_switch: float = 0.5  # corpus: share of world words swapped into the other language (0 = off)
     # corpus: share of world words swapped for an English synonym in synonym copies of the train captions,
-    # plus one sentence per synonym (0 = off; no caption, CC pair or stage-2 pair ever uses a synonym)
+    # plus two sentences per synonym (0 = off; no caption, CC pair or stage-2 pair ever uses a synonym)
     synonyms: float = 0.0
     # train images whose captions are the LLM's text (corpus, tokenizer, parallel pairs, stage1_train.jsonl);
     # null: all. As in the paper, stage 1 can use fewer captions than stage 2 has images
